@@ -1,0 +1,52 @@
+"""pgreact's error hierarchy.
+
+Every error pgreact raises on purpose derives from :class:`PgreactError` and carries a message a
+user can act on. Driver errors are translated at the boundary with ``raise ... from exc``::
+
+    PgreactError
+    ├── ConfigError            bad or missing setting: names the setting and the fix (exit 2)
+    ├── HandlerLoadError       a handler module fails to import or defines no ``router`` (exit 2)
+    ├── RouterError            invalid handler registration (duplicate name, bad table, bad ops)
+    ├── SchemaError            pgreact's schema is missing, too old, or a table cannot be captured
+    ├── DatabaseUnavailable    the database cannot be reached now (transient; retried)
+    └── LeaseLost              an event's claim was taken over; the transaction is rolled back
+"""
+
+from __future__ import annotations
+
+
+class PgreactError(Exception):
+    """Base of every error pgreact raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(PgreactError):
+    """A setting is missing or invalid; the message names it and says how to fix it."""
+
+    exit_code = 2
+
+
+class HandlerLoadError(PgreactError):
+    """A module named in ``PGREACT_HANDLERS`` cannot be loaded."""
+
+    exit_code = 2
+
+
+class RouterError(PgreactError):
+    """A handler registration is invalid."""
+
+    exit_code = 2
+
+
+class SchemaError(PgreactError):
+    """pgreact's schema or a captured table is not in the state the daemon needs."""
+
+
+class DatabaseUnavailable(PgreactError):
+    """The database did not answer; the operation may succeed later."""
+
+
+class LeaseLost(PgreactError):
+    """Another process took over an event this process had claimed (its claim expired or its
+    presence lock was lost). The handler's transaction is rolled back, so nothing is done twice."""
