@@ -144,9 +144,7 @@ class Router:
     def on_notify(self, channel: str, *, name: str | None = None) -> Callable[[F], F]:
         """Register ``async def f(note)`` for a raw NOTIFY channel (at-most-once)."""
         if not channel or len(channel.encode()) > 63:
-            raise RouterError(
-                f"on_notify({channel!r}): a channel name must be 1 to 63 bytes long"
-            )
+            raise RouterError(f"on_notify({channel!r}): a channel name must be 1 to 63 bytes long")
 
         def register(func: F) -> F:
             handler_name = _handler_name(func, name)
@@ -236,8 +234,6 @@ def load_routers(modules: Sequence[str]) -> Router:
     seen: set[str] = set()
     for h in [*merged.durable, *merged.notify]:
         if h.name in seen:
-            raise RouterError(
-                f"two handlers are named {h.name!r}: give one of them name='...'"
-            )
+            raise RouterError(f"two handlers are named {h.name!r}: give one of them name='...'")
         seen.add(h.name)
     return merged

@@ -1,0 +1,342 @@
+"""The queue's SQL: claim, ack, fail, release, reap — and the read-only views over it.
+
+Life of a delivery (one row of ``queue``: one change for one handler)::
+
+    live ──claim──▶ leased ──ack (same transaction as the handler's writes)──▶ deleted
+                      │
+                      ├─fail──▶ live again, run_at = now() + back-off   (attempts < max)
+                      ├─fail──▶ dead                                    (attempts >= max)
+                      └─owner died / lease expired──reap──▶ live again (the attempt counts)
+
+A claim is committed on its own before the handler runs, so an attempt that kills the process
+still counts and a crash loop ends in the dead-letter state. Every later write is fenced by
+``claim_token``: a process whose claim was taken over cannot ack or fail it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+
+import orjson
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from service.events import Event, Op
+from service.sql import quote_ident
+
+MAX_ERROR_LENGTH = 4000
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A delivery this process holds, with the event it carries."""
+
+    delivery_id: int
+    event: Event
+    failed_before: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerStats:
+    handler: str
+    pending: int
+    waiting_retry: int
+    dead: int
+    oldest_pending_age: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    delivery_id: int
+    handler: str
+    change_id: int
+    table: str
+    op: str
+    key: str | None
+    attempts: int
+    last_error: str | None
+    created_at: datetime
+    dead_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Reaped:
+    handler: str
+    dead: bool
+
+
+def decode_row(raw: str | None) -> dict[str, Any] | None:
+    """Row images travel as JSON text so both drivers decode them identically."""
+    return None if raw is None else cast(dict[str, Any], orjson.loads(raw))
+
+
+class Store:
+    """SQL over pgreact's queue, for one schema and one owning process."""
+
+    def __init__(
+        self,
+        schema: str,
+        *,
+        owner: int = 0,
+        presence_key: int = 0,
+        max_attempts: int = 10,
+        retry_base: float = 1.0,
+        retry_max: float = 300.0,
+        lease_seconds: float = 3600.0,
+    ) -> None:
+        q = f"{quote_ident(schema)}.queue"
+        self.schema = schema
+        self.owner = owner
+        self.presence_key = presence_key
+        self.max_attempts = max_attempts
+        self.retry_base = retry_base
+        self.retry_max = retry_max
+        self.lease_seconds = lease_seconds
+        # Head of line: a delivery is claimable only when no earlier live delivery of the same
+        # key exists for the handler — leased elsewhere, waiting for a retry, or not yet run.
+        self._claim = text(f"""
+            WITH picked AS (
+                SELECT q.id FROM {q} q
+                WHERE q.handler = :handler AND q.dead_at IS NULL AND q.lease_until IS NULL
+                  AND q.run_at <= now()
+                  AND (q.order_key IS NULL OR NOT EXISTS (
+                        SELECT 1 FROM {q} p
+                        WHERE p.handler = q.handler AND p.order_key = q.order_key
+                          AND p.id < q.id AND p.dead_at IS NULL))
+                ORDER BY q.id
+                LIMIT :limit
+                FOR UPDATE SKIP LOCKED
+            )
+            UPDATE {q} q
+            SET attempts = q.attempts + 1, owner = :owner, claim_token = :token,
+                lease_until = now() + make_interval(secs => CAST(:lease AS float8))
+            FROM picked WHERE q.id = picked.id
+            RETURNING q.id, q.change_id, q.table_name, q.op, q.row_key,
+                      q.new_row::text, q.old_row::text, q.created_at, q.attempts,
+                      q.last_error IS NOT NULL
+        """)
+        self._ack = text(
+            f"DELETE FROM {q} WHERE id = ANY(CAST(:ids AS bigint[])) AND claim_token = :token"
+        )
+        backoff = (
+            "now() + make_interval(secs => least(CAST(:rmax AS float8), "
+            "CAST(:rbase AS float8) * power(2, greatest(attempts - 1, 0))) "
+            "* (0.5 + random() / 2))"
+        )
+        self._fail = text(f"""
+            UPDATE {q}
+            SET owner = NULL, claim_token = NULL, lease_until = NULL,
+                last_error = :error, failed_at = now(),
+                dead_at = CASE WHEN attempts >= :max THEN now() END,
+                run_at = CASE WHEN attempts >= :max THEN run_at ELSE {backoff} END
+            WHERE id = :id AND claim_token = :token
+            RETURNING dead_at IS NOT NULL
+        """)
+        # A transient failure (connection lost, serialization failure, …) is not the event's
+        # fault: the attempt is given back and the retry comes soon.
+        self._fail_transient = text(f"""
+            UPDATE {q}
+            SET owner = NULL, claim_token = NULL, lease_until = NULL,
+                attempts = greatest(attempts - 1, 0), last_error = :error, failed_at = now(),
+                run_at = now() + make_interval(secs => CAST(:rbase AS float8) * random())
+            WHERE id = ANY(CAST(:ids AS bigint[])) AND claim_token = :token
+        """)
+        self._release = text(f"""
+            UPDATE {q}
+            SET owner = NULL, claim_token = NULL, lease_until = NULL,
+                attempts = greatest(attempts - 1, 0)
+            WHERE id = ANY(CAST(:ids AS bigint[])) AND claim_token = :token
+        """)
+        # Claims whose owner is gone (no presence lock), whose lease ran out, or that this
+        # process itself no longer works on (e.g. lost with a connection). Others' claims
+        # count as a spent attempt (the process may have died because of the event); our own
+        # abandoned claims are given back.
+        self._reap = text(f"""
+            UPDATE {q} q
+            SET owner = NULL, claim_token = NULL, lease_until = NULL,
+                attempts = q.attempts - CASE WHEN q.owner = :me THEN 1 ELSE 0 END,
+                last_error = CASE WHEN q.owner = :me THEN q.last_error
+                    ELSE 'claim abandoned: the process handling attempt ' || q.attempts
+                         || ' stopped without finishing it' END,
+                failed_at = CASE WHEN q.owner = :me THEN q.failed_at ELSE now() END,
+                dead_at = CASE WHEN q.owner <> :me AND q.attempts >= :max THEN now() END
+            WHERE q.lease_until IS NOT NULL AND q.dead_at IS NULL
+              AND (q.lease_until < now()
+                   OR (q.owner = :me AND NOT (q.claim_token = ANY(CAST(:inflight AS bigint[]))))
+                   OR (q.owner <> :me AND NOT EXISTS (
+                        SELECT 1 FROM pg_locks l
+                        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                          AND l.classid = CAST(:ns AS bigint)::oid
+                          AND l.objid = CAST(q.owner AS bigint)::oid)))
+            RETURNING q.handler, q.dead_at IS NOT NULL
+        """)
+        self._stats = text(f"""
+            SELECT handler,
+                   count(*) FILTER (WHERE dead_at IS NULL),
+                   count(*) FILTER (WHERE dead_at IS NULL AND run_at > now()),
+                   count(*) FILTER (WHERE dead_at IS NOT NULL),
+                   extract(epoch FROM now() - min(created_at) FILTER (WHERE dead_at IS NULL))
+            FROM {q} GROUP BY handler
+        """)
+        self._q = q
+
+    # -- the hot path ---------------------------------------------------------------------
+
+    async def claim(
+        self, conn: AsyncConnection, handler: str, limit: int, token: int
+    ) -> list[Claimed]:
+        """Lease up to ``limit`` deliveries and commit, so the attempt is on record."""
+        result = await conn.execute(
+            self._claim,
+            {
+                "handler": handler,
+                "limit": limit,
+                "owner": self.owner,
+                "token": token,
+                "lease": self.lease_seconds,
+            },
+        )
+        rows = result.all()
+        await conn.commit()
+        claimed = [
+            Claimed(
+                delivery_id=r[0],
+                event=Event(
+                    id=r[1],
+                    table=r[2],
+                    op=cast(Op, r[3]),
+                    key=r[4],
+                    new=decode_row(r[5]),
+                    old=decode_row(r[6]),
+                    created_at=r[7],
+                    attempt=r[8],
+                ),
+                failed_before=bool(r[9]),
+            )
+            for r in rows
+        ]
+        claimed.sort(key=lambda c: c.delivery_id)
+        return claimed
+
+    async def ack(self, conn: AsyncConnection, ids: Sequence[int], token: int) -> int:
+        """Delete the deliveries inside the caller's transaction; returns how many were ours."""
+        result = await conn.execute(self._ack, {"ids": list(ids), "token": token})
+        return int(result.rowcount or 0)
+
+    async def fail(
+        self, conn: AsyncConnection, delivery_id: int, token: int, error: str
+    ) -> bool | None:
+        """Record a failed attempt and commit. True: dead-lettered; None: no longer ours."""
+        result = await conn.execute(
+            self._fail,
+            {
+                "id": delivery_id,
+                "token": token,
+                "error": error[:MAX_ERROR_LENGTH],
+                "max": self.max_attempts,
+                "rmax": self.retry_max,
+                "rbase": self.retry_base,
+            },
+        )
+        row = result.first()
+        await conn.commit()
+        return None if row is None else bool(row[0])
+
+    async def fail_transient(
+        self, conn: AsyncConnection, ids: Sequence[int], token: int, error: str
+    ) -> None:
+        await conn.execute(
+            self._fail_transient,
+            {
+                "ids": list(ids),
+                "token": token,
+                "error": error[:MAX_ERROR_LENGTH],
+                "rbase": self.retry_base,
+            },
+        )
+        await conn.commit()
+
+    async def release(self, conn: AsyncConnection, ids: Sequence[int], token: int) -> None:
+        """Give claims back untouched (shutdown): the attempt is refunded."""
+        await conn.execute(self._release, {"ids": list(ids), "token": token})
+        await conn.commit()
+
+    # -- housekeeping ---------------------------------------------------------------------
+
+    async def reap(self, conn: AsyncConnection, inflight: Sequence[int]) -> list[Reaped]:
+        result = await conn.execute(
+            self._reap,
+            {
+                "me": self.owner,
+                "inflight": list(inflight),
+                "ns": self.presence_key,
+                "max": self.max_attempts,
+            },
+        )
+        rows = [Reaped(r[0], bool(r[1])) for r in result]
+        await conn.commit()
+        return rows
+
+    async def stats(self, conn: AsyncConnection) -> list[HandlerStats]:
+        result = await conn.execute(self._stats)
+        rows = [
+            HandlerStats(
+                handler=r[0],
+                pending=int(r[1]),
+                waiting_retry=int(r[2]),
+                dead=int(r[3]),
+                oldest_pending_age=None if r[4] is None else float(r[4]),
+            )
+            for r in result
+        ]
+        await conn.commit()
+        return rows
+
+    # -- dead letters ---------------------------------------------------------------------
+
+    async def dead_list(
+        self, conn: AsyncConnection, handler: str | None = None, limit: int = 1000
+    ) -> list[DeadLetter]:
+        result = await conn.execute(
+            text(f"""
+                SELECT id, handler, change_id, table_name, op, row_key, attempts, last_error,
+                       created_at, dead_at
+                FROM {self._q}
+                WHERE dead_at IS NOT NULL
+                  AND (CAST(:handler AS text) IS NULL OR handler = :handler)
+                ORDER BY id LIMIT :limit
+            """),
+            {"handler": handler, "limit": limit},
+        )
+        rows = [DeadLetter(*r) for r in result]
+        await conn.commit()
+        return rows
+
+    async def dead_retry(self, conn: AsyncConnection, ids: Sequence[int] | None) -> int:
+        """Make dead letters live again with a fresh attempt budget; commits."""
+        result = await conn.execute(
+            text(f"""
+                UPDATE {self._q}
+                SET dead_at = NULL, attempts = 0, run_at = now()
+                WHERE dead_at IS NOT NULL
+                  AND (CAST(:all AS boolean) OR id = ANY(CAST(:ids AS bigint[])))
+            """),
+            {"all": ids is None, "ids": list(ids or [])},
+        )
+        await conn.commit()
+        return int(result.rowcount or 0)
+
+    async def dead_purge(self, conn: AsyncConnection, ids: Sequence[int] | None) -> int:
+        result = await conn.execute(
+            text(f"""
+                DELETE FROM {self._q}
+                WHERE dead_at IS NOT NULL
+                  AND (CAST(:all AS boolean) OR id = ANY(CAST(:ids AS bigint[])))
+            """),
+            {"all": ids is None, "ids": list(ids or [])},
+        )
+        await conn.commit()
+        return int(result.rowcount or 0)
