@@ -232,8 +232,8 @@ def load_routers(modules: Sequence[str]) -> Router:
             )
         merged.include(router)
     seen: set[str] = set()
-    for h in [*merged.durable, *merged.notify]:
-        if h.name in seen:
-            raise RouterError(f"two handlers are named {h.name!r}: give one of them name='...'")
-        seen.add(h.name)
+    for name in [h.name for h in merged.durable] + [h.name for h in merged.notify]:
+        if name in seen:
+            raise RouterError(f"two handlers are named {name!r}: give one of them name='...'")
+        seen.add(name)
     return merged
