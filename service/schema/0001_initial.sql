@@ -49,11 +49,12 @@ CREATE INDEX queue_order ON __SCHEMA__.queue (handler, order_key, id)
 CREATE INDEX queue_dead ON __SCHEMA__.queue (handler, id) WHERE dead_at IS NOT NULL;
 
 -- The text key of a row image: one column's text, or a JSON array for several columns.
+-- (Trigger arguments arrive as TG_ARGV, an array whose lower bound is 0, hence array_lower.)
 CREATE FUNCTION __SCHEMA__.key_of(img jsonb, cols text[]) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT CASE
         WHEN cols IS NULL OR cardinality(cols) = 0 OR img IS NULL THEN NULL
-        WHEN cardinality(cols) = 1 THEN img ->> cols[1]
+        WHEN cardinality(cols) = 1 THEN img ->> cols[array_lower(cols, 1)]
         ELSE (SELECT jsonb_agg(img -> c ORDER BY o)::text FROM unnest(cols) WITH ORDINALITY u(c, o))
     END
 $$;

@@ -1,0 +1,370 @@
+"""Claims events and runs durable handlers, each batch in the transaction that acks it.
+
+One *driver* task per handler waits for a wake-up (a notification, a sweep, or a finished unit
+that may have unblocked the next event of a key) and then starts *units* while there is work.
+A unit claims a batch (committed, so the attempt counts even if the process dies), runs the
+handler over it inside one transaction on the same connection, and deletes the deliveries in
+that transaction: the handler's writes and the ack commit together or not at all.
+
+Failures are isolated rather than letting one bad event sink its batch:
+- ``on`` handlers: the failing call is known; it is recorded, the rest of the batch re-runs.
+- ``on_batch`` handlers: the batch is split in halves until the failing events are alone.
+- events that failed before run alone, so a poison event costs one batch re-run, not ten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+
+from service.db import connection_is_suspect, is_transient
+from service.errors import LeaseLost
+from service.metrics import Metrics
+from service.router import DurableHandler
+from service.store import Claimed, Store
+
+log = structlog.get_logger("pgreact.dispatcher")
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchConfig:
+    concurrency: int = 16
+    batch_size: int = 100
+    handler_timeout: float = 30.0
+    error_log_interval: float = 30.0
+
+
+class Wakeup:
+    """A coalescing doorbell: any number of rings before ``wait`` returns once."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def ring(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event = anyio.Event()
+
+
+class _Connection:
+    """A pooled connection checked out lazily and thrown away when its state is unknown."""
+
+    def __init__(self, engine: AsyncEngine, first: AsyncConnection | None = None) -> None:
+        self._engine = engine
+        self._conn = first
+        self._owned = first is None
+
+    async def get(self) -> AsyncConnection:
+        if self._conn is None:
+            self._conn = await self._engine.connect()
+            self._owned = True
+        return self._conn
+
+    async def discard(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        # Already broken: invalidation and close are best effort.
+        with contextlib.suppress(Exception):
+            await conn.invalidate()
+        if self._owned:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await conn.close()
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and self._owned:
+            with anyio.CancelScope(shield=True):
+                await conn.close()
+
+
+@dataclass
+class _Outcome:
+    ok: bool = False
+    lease_lost: bool = False
+    error: BaseException | None = None
+    failed_index: int | None = None  # which event of an ``on`` batch raised
+
+
+@dataclass
+class _Unit:
+    handler: DurableHandler
+    token: int
+    open_ids: set[int] = field(default_factory=set)
+
+
+class Dispatcher:
+    """Drives every durable handler; owns its tasks through one task group."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        store: Store,
+        handlers: Sequence[DurableHandler],
+        metrics: Metrics,
+        config: DispatchConfig,
+    ) -> None:
+        self._engine = engine
+        self._store = store
+        self._handlers = list(handlers)
+        self._metrics = metrics
+        self._config = config
+        self._slots = anyio.Semaphore(config.concurrency)
+        self._wakeups = {h.name: Wakeup() for h in self._handlers}
+        self._by_table: dict[str, list[str]] = {}
+        for h in self._handlers:
+            self._by_table.setdefault(h.table.qualified, []).append(h.name)
+        self._units: dict[int, _Unit] = {}
+        self._stopping = False
+        self._last_error_log: dict[str, float] = {}
+
+    # -- control --------------------------------------------------------------------------
+
+    def wake(self, table: str | None = None) -> None:
+        """Ring the handlers of ``table`` (all handlers when ``None`` or unknown)."""
+        names = self._by_table.get(table, ()) if table is not None else ()
+        for name in names or self._wakeups:
+            self._wakeups[name].ring()
+
+    def stop_claiming(self) -> None:
+        self._stopping = True
+        for wakeup in self._wakeups.values():
+            wakeup.ring()
+
+    @property
+    def inflight_tokens(self) -> list[int]:
+        return list(self._units)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._units)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run until :meth:`stop_claiming`; returns once every in-flight unit has finished."""
+        async with anyio.create_task_group() as tg:
+            for handler in self._handlers:
+                tg.start_soon(self._drive, handler, name=f"drive:{handler.name}")
+            task_status.started()
+
+    async def release_all(self) -> None:
+        """Give back the claims of units still running (used when the drain deadline passes)."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            for unit in list(self._units.values()):
+                if unit.open_ids:
+                    try:
+                        async with self._engine.connect() as conn:
+                            await self._store.release(conn, sorted(unit.open_ids), unit.token)
+                        unit.open_ids.clear()
+                    except Exception as exc:
+                        log.warning("release_failed", handler=unit.handler.name, error=str(exc))
+
+    # -- per handler ----------------------------------------------------------------------
+
+    async def _drive(self, handler: DurableHandler) -> None:
+        limit = handler.max_size if handler.batch else self._config.batch_size
+        wakeup = self._wakeups[handler.name]
+        async with anyio.create_task_group() as units:
+            while not self._stopping:
+                await wakeup.wait()
+                while not self._stopping:
+                    await self._slots.acquire()
+                    if self._stopping:
+                        self._slots.release()
+                        break
+                    claimed: int = await units.start(self._unit, handler, limit)
+                    if claimed < limit:
+                        break
+
+    async def _unit(
+        self, handler: DurableHandler, limit: int, *, task_status: TaskStatus[int]
+    ) -> None:
+        unit = _Unit(handler, secrets.randbits(62))
+        self._units[unit.token] = unit
+        started = False
+        try:
+            async with self._engine.connect() as first:
+                claimed = await self._store.claim(first, handler.name, limit, unit.token)
+                unit.open_ids = {c.delivery_id for c in claimed}
+                task_status.started(len(claimed))
+                started = True
+                if claimed:
+                    conn = _Connection(self._engine, first)
+                    try:
+                        await self._work(conn, unit, claimed)
+                    finally:
+                        await conn.close()
+            if claimed:
+                self._wakeups[handler.name].ring()  # the next event of a key may be free now
+        except Exception as exc:
+            if not started:
+                task_status.started(0)
+            self._log_error("unit_failed", handler.name, exc)
+            if unit.open_ids:
+                await self._give_back(unit, exc)
+        finally:
+            self._units.pop(unit.token, None)
+            self._slots.release()
+
+    async def _work(self, conn: _Connection, unit: _Unit, claimed: list[Claimed]) -> None:
+        handler = unit.handler
+        fresh = [c for c in claimed if not c.failed_before]
+        groups: list[list[Claimed]] = [[c] for c in claimed if c.failed_before]
+        if handler.batch:
+            size = handler.max_size
+            groups += [fresh[i : i + size] for i in range(0, len(fresh), size)]
+        elif fresh:
+            groups.append(fresh)
+        todo = [g for g in groups if g]
+        while todo:
+            group = todo.pop(0)
+            outcome = await self._attempt(conn, unit, group)
+            if outcome.ok or outcome.lease_lost:
+                unit.open_ids.difference_update(c.delivery_id for c in group)
+                continue
+            error = outcome.error or RuntimeError("handler failed without an exception")
+            if is_transient(error):
+                await self._transient(conn, unit, group, error)
+                continue
+            if handler.batch and len(group) > 1:
+                half = len(group) // 2
+                todo[:0] = [group[:half], group[half:]]
+                continue
+            index = outcome.failed_index if outcome.failed_index is not None else 0
+            await self._record_failure(conn, unit, group[index], error)
+            rest = group[:index] + group[index + 1 :]
+            if rest:
+                todo.insert(0, rest)
+
+    async def _attempt(self, conn: _Connection, unit: _Unit, group: list[Claimed]) -> _Outcome:
+        handler = unit.handler
+        outcome = _Outcome()
+        try:
+            db = await conn.get()
+            session = AsyncSession(bind=db, expire_on_commit=False)
+            async with session, session.begin():
+                if handler.batch:
+                    await self._call(handler, group, session)
+                else:
+                    for index, item in enumerate(group):
+                        outcome.failed_index = index
+                        await self._call(handler, [item], session)
+                    outcome.failed_index = None
+                acked = await self._store.ack(
+                    await session.connection(), [c.delivery_id for c in group], unit.token
+                )
+                if acked != len(group):
+                    raise LeaseLost(f"{len(group) - acked} of {len(group)} events were taken over")
+        except LeaseLost as exc:
+            self._metrics.lease_conflicts.labels(handler.name).inc()
+            log.warning("lease_lost", handler=handler.name, detail=str(exc))
+            outcome.lease_lost = True
+            return outcome
+        except Exception as exc:
+            outcome.error = exc
+            if connection_is_suspect(exc):
+                await conn.discard()
+            return outcome
+        now = time.time()
+        ok = self._metrics.events_handled.labels(handler.name, "ok")
+        lag = self._metrics.event_lag.labels(handler.name)
+        ok.inc(len(group))
+        for item in group:
+            lag.observe(max(0.0, now - item.event.created_at.timestamp()))
+        log.debug("handled", handler=handler.name, events=len(group))
+        outcome.ok = True
+        return outcome
+
+    async def _call(
+        self, handler: DurableHandler, group: Sequence[Claimed], session: AsyncSession
+    ) -> None:
+        started = time.perf_counter()
+        try:
+            with anyio.fail_after(self._config.handler_timeout):
+                await handler.call([c.event for c in group], session)
+        finally:
+            self._metrics.handler_duration.labels(handler.name).observe(
+                time.perf_counter() - started
+            )
+
+    async def _record_failure(
+        self, conn: _Connection, unit: _Unit, item: Claimed, error: BaseException
+    ) -> None:
+        handler = unit.handler
+        event = item.event
+        message = _describe(error, self._config.handler_timeout)
+        db = await conn.get()
+        dead = await self._store.fail(db, item.delivery_id, unit.token, message)
+        unit.open_ids.discard(item.delivery_id)
+        if dead is None:
+            self._metrics.lease_conflicts.labels(handler.name).inc()
+            return
+        outcome = "dead" if dead else "retry"
+        self._metrics.events_handled.labels(handler.name, outcome).inc()
+        logger = log.error if dead else log.warning
+        logger(
+            "handler_failed",
+            handler=handler.name,
+            table=event.table,
+            op=event.op,
+            event_id=event.id,
+            delivery_id=item.delivery_id,
+            attempt=event.attempt,
+            outcome=outcome,
+            error=message,
+            exc_info=error if not isinstance(error, TimeoutError) else None,
+        )
+
+    async def _transient(
+        self, conn: _Connection, unit: _Unit, group: list[Claimed], error: BaseException
+    ) -> None:
+        handler = unit.handler
+        self._metrics.transient_errors.labels(handler.name).inc()
+        self._log_error("transient_error", handler.name, error)
+        ids = [c.delivery_id for c in group]
+        db = await conn.get()
+        await self._store.fail_transient(db, ids, unit.token, _describe(error, 0))
+        unit.open_ids.difference_update(ids)
+
+    async def _give_back(self, unit: _Unit, error: BaseException) -> None:
+        """After an unexpected failure, return what the unit still holds (best effort: if the
+        database is unreachable, the reaper returns it once this unit's token is gone)."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            try:
+                async with self._engine.connect() as conn:
+                    await self._store.fail_transient(
+                        conn, sorted(unit.open_ids), unit.token, _describe(error, 0)
+                    )
+                unit.open_ids.clear()
+            except Exception as exc:
+                self._log_error("give_back_failed", unit.handler.name, exc)
+
+    def _log_error(self, event: str, handler: str, exc: BaseException) -> None:
+        """Log database trouble at most once per interval per handler: a database that is down
+        for a minute must not produce thousands of identical lines."""
+        now = time.monotonic()
+        key = f"{event}:{handler}"
+        if now - self._last_error_log.get(key, -1e9) < self._config.error_log_interval:
+            return
+        self._last_error_log[key] = now
+        log.warning(event, handler=handler, error=_describe(exc, 0))
+
+
+def _describe(error: BaseException, timeout: float) -> str:
+    if isinstance(error, TimeoutError):
+        return f"handler timed out after {timeout:g} s (PGREACT_HANDLER_TIMEOUT)"
+    text = f"{type(error).__name__}: {error}"
+    if not str(error):
+        tb = traceback.format_exception_only(type(error), error)
+        text = "".join(tb).strip()
+    return text

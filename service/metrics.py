@@ -1,0 +1,195 @@
+"""Every Prometheus metric pgreact exports, declared in one place.
+
+Names follow the contract (base units, ``_total`` counters, ``_seconds``); labels are bounded:
+handler names come from code, channels from the LISTEN set, outcomes and states are fixed.
+Each daemon gets its own registry, so several daemons can run in one test process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# Handler calls range from sub-millisecond to the 30 s timeout; lag adds queueing and retries.
+DURATION_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+)
+LAG_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    300,
+    900,
+    3600,
+)
+
+OUTCOMES = ("ok", "retry", "dead")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSnapshot:
+    checked_out: int
+    idle: int
+    overflow: int
+
+
+class _PoolCollector(Collector):
+    """Reads the SQLAlchemy pool at scrape time: no stale numbers, no polling task."""
+
+    def __init__(self, read: Callable[[], PoolSnapshot | None]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "pgreact_db_pool_connections",
+            "Connections of the write pool by state.",
+            labels=["state"],
+        )
+        snap = self._read()
+        if snap is not None:
+            family.add_metric(["checked_out"], snap.checked_out)
+            family.add_metric(["idle"], snap.idle)
+            family.add_metric(["overflow"], snap.overflow)
+        yield family
+
+
+class Metrics:
+    """The daemon's metrics, bound to one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.notifications_received = Counter(
+            "pgreact_notifications_received",
+            "NOTIFY messages received, by channel.",
+            ["channel"],
+            registry=r,
+        )
+        self.events_handled = Counter(
+            "pgreact_events_handled",
+            "Events handled, by handler and outcome (ok, retry scheduled, dead-lettered).",
+            ["handler", "outcome"],
+            registry=r,
+        )
+        self.handler_duration = Histogram(
+            "pgreact_handler_duration_seconds",
+            "Duration of one handler call.",
+            ["handler"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.event_lag = Histogram(
+            "pgreact_event_lag_seconds",
+            "Time from capture to the commit that marked the event done.",
+            ["handler"],
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.events_pending = Gauge(
+            "pgreact_events_pending",
+            "Live events per handler (database-wide).",
+            ["handler"],
+            registry=r,
+        )
+        self.oldest_pending_age = Gauge(
+            "pgreact_oldest_pending_age_seconds",
+            "Age of the oldest live event per handler (database-wide).",
+            ["handler"],
+            registry=r,
+        )
+        self.events_dead = Gauge(
+            "pgreact_events_dead",
+            "Dead-lettered events per handler (database-wide).",
+            ["handler"],
+            registry=r,
+        )
+        self.listener_connected = Gauge(
+            "pgreact_listener_connected",
+            "1 while the LISTEN connection is up.",
+            registry=r,
+        )
+        self.listener_reconnects = Counter(
+            "pgreact_listener_reconnects",
+            "Times the LISTEN connection was re-established.",
+            registry=r,
+        )
+        self.notify_queue_usage = Gauge(
+            "pgreact_notify_queue_usage",
+            "pg_notification_queue_usage(): fraction of the server's NOTIFY queue in use.",
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "pgreact_build_info",
+            "Build and runtime information (always 1).",
+            ["version", "listener", "driver"],
+            registry=r,
+        )
+        # Beyond the contract: what an operator needs to explain the numbers above.
+        self.notifications_dropped = Counter(
+            "pgreact_notifications_dropped",
+            "Notifications for on_notify handlers dropped because their queue was full.",
+            ["channel"],
+            registry=r,
+        )
+        self.claims_reaped = Counter(
+            "pgreact_claims_reaped",
+            "Claims taken back from processes that stopped or lost them.",
+            ["handler"],
+            registry=r,
+        )
+        self.lease_conflicts = Counter(
+            "pgreact_lease_conflicts",
+            "Transactions rolled back because another process had taken over their events.",
+            ["handler"],
+            registry=r,
+        )
+        self.transient_errors = Counter(
+            "pgreact_transient_errors",
+            "Database errors retried without spending an attempt (connection, serialization).",
+            ["handler"],
+            registry=r,
+        )
+
+    def observe_pool(self, read: Callable[[], PoolSnapshot | None]) -> None:
+        self.registry.register(_PoolCollector(read))
+
+    def prime_handler(self, handler: str) -> None:
+        """Create every labelled series of a handler at zero, so rates exist from the start."""
+        for outcome in OUTCOMES:
+            self.events_handled.labels(handler, outcome)
+        self.handler_duration.labels(handler)
+        self.event_lag.labels(handler)
+        self.events_pending.labels(handler).set(0)
+        self.oldest_pending_age.labels(handler).set(0)
+        self.events_dead.labels(handler).set(0)
