@@ -295,8 +295,11 @@ class EmbeddedPostgres:
         """Run ``sql`` through psql (statement by statement, stops at the first error) and
         return the unaligned, tuples-only output."""
         result = subprocess.run(  # noqa: S603 - fixed binary, arguments are not shell-parsed
-            [str(self._bin / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"]
-            + ["-d", self.url(database)],
+            [
+                str(self._bin / "psql"),
+                *("-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"),
+                *("-d", self.url(database)),
+            ],
             input=sql,
             capture_output=True,
             text=True,
@@ -343,7 +346,7 @@ class EmbeddedPostgres:
         if len(str(self._data / ".s.PGSQL.65535")) <= _MAX_SOCKET_PATH:
             return self._data
         # A deep data directory cannot hold the socket: use a short private one instead.
-        short = Path(tempfile.mkdtemp(prefix="pgr-", dir="/tmp"))  # noqa: S108 - short on purpose
+        short = Path(tempfile.mkdtemp(prefix="pgr-", dir="/tmp"))
         self._owned_dirs.append(short)
         if self._run_as:
             os.chown(short, self._run_as.uid, self._run_as.gid)
@@ -391,9 +394,12 @@ class EmbeddedPostgres:
             # connections. Checking the PID ignores a stale file left by a crashed server.
             with contextlib.suppress(OSError):
                 lines = pid_file.read_text().splitlines()
-                if len(lines) >= 8 and lines[0].strip() == str(proc.pid):
-                    if lines[7].strip() == "ready":
-                        return
+                if (
+                    len(lines) >= 8
+                    and lines[0].strip() == str(proc.pid)
+                    and lines[7].strip() == "ready"
+                ):
+                    return
             if time.monotonic() > deadline:
                 self.kill()
                 raise DevServerError(
@@ -422,8 +428,10 @@ def _service_account() -> _RunAs:
         entry = pwd.getpwnam(SERVICE_USER)
     except KeyError:
         result = subprocess.run(  # noqa: S603
-            ["useradd", "--system", "--no-create-home", "--user-group"]  # noqa: S607
-            + ["--shell", "/usr/sbin/nologin", SERVICE_USER],
+            [
+                *("useradd", "--system", "--no-create-home", "--user-group"),
+                *("--shell", "/usr/sbin/nologin", SERVICE_USER),
+            ],
             capture_output=True,
             text=True,
             check=False,
@@ -498,8 +506,12 @@ def _initdb_template(bin_path: Path, run_as: _RunAs | None, cache_dir: Path) -> 
             os.chown(work, run_as.uid, run_as.gid)
         data = work / "data"
         result = subprocess.run(  # noqa: S603
-            [str(bin_path / "initdb"), "-D", str(data), "--auth=trust", f"--username={SUPERUSER}"]
-            + ["--encoding=UTF8", "--no-locale", "--no-sync", "--no-instructions"],
+            [
+                *(str(bin_path / "initdb"), "-D", str(data)),
+                *("--auth=trust", f"--username={SUPERUSER}", "--encoding=UTF8", "--no-locale"),
+                # No fsync: a template interrupted by a power cut is just a broken cache entry.
+                *("--no-sync", "--no-instructions"),
+            ],
             capture_output=True,
             text=True,
             cwd="/",

@@ -157,18 +157,6 @@ class Dispatcher:
                 tg.start_soon(self._drive, handler, name=f"drive:{handler.name}")
             task_status.started()
 
-    async def release_all(self) -> None:
-        """Give back the claims of units still running (used when the drain deadline passes)."""
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            for unit in list(self._units.values()):
-                if unit.open_ids:
-                    try:
-                        async with self._engine.connect() as conn:
-                            await self._store.release(conn, sorted(unit.open_ids), unit.token)
-                        unit.open_ids.clear()
-                    except Exception as exc:
-                        log.warning("release_failed", handler=unit.handler.name, error=str(exc))
-
     # -- per handler ----------------------------------------------------------------------
 
     async def _drive(self, handler: DurableHandler) -> None:
@@ -192,6 +180,7 @@ class Dispatcher:
         unit = _Unit(handler, secrets.randbits(62))
         self._units[unit.token] = unit
         started = False
+        reason: BaseException | str = "interrupted by shutdown before it finished"
         try:
             async with self._engine.connect() as first:
                 claimed = await self._store.claim(first, handler.name, limit, unit.token)
@@ -210,9 +199,12 @@ class Dispatcher:
             if not started:
                 task_status.started(0)
             self._log_error("unit_failed", handler.name, exc)
-            if unit.open_ids:
-                await self._give_back(unit, exc)
+            reason = exc
         finally:
+            # Whatever is still held (an unexpected error, or cancellation at the drain
+            # deadline) is given back with its attempt refunded.
+            if unit.open_ids:
+                await self._give_back(unit, reason)
             self._units.pop(unit.token, None)
             self._slots.release()
 
@@ -336,14 +328,15 @@ class Dispatcher:
         await self._store.fail_transient(db, ids, unit.token, _describe(error, 0))
         unit.open_ids.difference_update(ids)
 
-    async def _give_back(self, unit: _Unit, error: BaseException) -> None:
+    async def _give_back(self, unit: _Unit, error: BaseException | str) -> None:
         """After an unexpected failure, return what the unit still holds (best effort: if the
         database is unreachable, the reaper returns it once this unit's token is gone)."""
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             try:
                 async with self._engine.connect() as conn:
+                    message = error if isinstance(error, str) else _describe(error, 0)
                     await self._store.fail_transient(
-                        conn, sorted(unit.open_ids), unit.token, _describe(error, 0)
+                        conn, sorted(unit.open_ids), unit.token, message
                     )
                 unit.open_ids.clear()
             except Exception as exc:

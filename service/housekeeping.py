@@ -1,0 +1,103 @@
+"""Periodic work that keeps the pipeline honest when notifications are not enough.
+
+- **sweep**: wake every handler when no notification arrived for ``sweep_interval`` (NOTIFY is a
+  hint; events committed while the listener was down are found this way),
+- **reap**: take back claims of processes that died or lost them,
+- **stats**: refresh the database-wide gauges with one aggregate query.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import anyio
+import structlog
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.metrics import Metrics
+from service.store import Store
+
+log = structlog.get_logger("pgreact.housekeeping")
+
+TICK = 0.25
+
+
+class Housekeeper:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        store: Store,
+        metrics: Metrics,
+        *,
+        handlers: Sequence[str],
+        wake_all: Callable[[], None],
+        inflight_tokens: Callable[[], list[int]],
+        sweep_interval: float,
+        stats_interval: float,
+        reap_interval: float,
+    ) -> None:
+        self._engine = engine
+        self._store = store
+        self._metrics = metrics
+        self._handlers = list(handlers)
+        self._wake_all = wake_all
+        self._inflight = inflight_tokens
+        self._sweep_interval = sweep_interval
+        self._stats_interval = stats_interval
+        self._reap_interval = reap_interval
+        self._last_notification = time.monotonic()
+        self._failures_logged_at = -1e9
+        self.database_ok = False
+
+    def notified(self) -> None:
+        """A wake-up notification arrived: the next sweep can wait."""
+        self._last_notification = time.monotonic()
+
+    async def run(self) -> None:
+        next_stats = next_reap = 0.0
+        while True:
+            now = time.monotonic()
+            if now - self._last_notification >= self._sweep_interval:
+                self._last_notification = now
+                self._wake_all()
+            if now >= next_reap:
+                next_reap = now + self._reap_interval
+                await self._guarded(self.reap)
+            if now >= next_stats:
+                next_stats = now + self._stats_interval
+                await self._guarded(self.refresh_stats)
+            await anyio.sleep(TICK)
+
+    async def reap(self) -> None:
+        async with self._engine.connect() as conn:
+            reaped = await self._store.reap(conn, self._inflight())
+        for item in reaped:
+            self._metrics.claims_reaped.labels(item.handler).inc()
+            if item.dead:
+                self._metrics.events_handled.labels(item.handler, "dead").inc()
+        if reaped:
+            log.warning("claims_reaped", count=len(reaped), dead=sum(r.dead for r in reaped))
+            self._wake_all()
+
+    async def refresh_stats(self) -> None:
+        async with self._engine.connect() as conn:
+            stats = {s.handler: s for s in await self._store.stats(conn)}
+        for name in self._handlers:
+            s = stats.get(name)
+            self._metrics.events_pending.labels(name).set(s.pending if s else 0)
+            self._metrics.events_dead.labels(name).set(s.dead if s else 0)
+            age = s.oldest_pending_age if s and s.oldest_pending_age is not None else 0.0
+            self._metrics.oldest_pending_age.labels(name).set(age)
+
+    async def _guarded(self, job: Callable[[], Awaitable[None]]) -> None:
+        try:
+            with anyio.fail_after(max(self._stats_interval, 5.0)):
+                await job()
+            self.database_ok = True
+        except Exception as exc:
+            self.database_ok = False
+            now = time.monotonic()
+            if now - self._failures_logged_at >= 30:
+                self._failures_logged_at = now
+                log.warning("housekeeping_failed", error=f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,79 @@
+"""``on_notify`` handlers: raw NOTIFY channels, at-most-once, never blocking the listener.
+
+The listener's callback only offers a notification to a bounded buffer; one consumer task calls
+the handlers. A full buffer drops (and counts) rather than stalling the LISTEN connection.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+
+import anyio
+import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from service.events import Notification
+from service.metrics import Metrics
+from service.router import NotifyHandler
+
+log = structlog.get_logger("pgreact.notify")
+
+
+class NotifyDispatcher:
+    def __init__(
+        self,
+        handlers: Sequence[NotifyHandler],
+        metrics: Metrics,
+        *,
+        timeout: float,
+        buffer: int = 1000,
+    ) -> None:
+        self._by_channel: dict[str, list[NotifyHandler]] = defaultdict(list)
+        for handler in handlers:
+            self._by_channel[handler.channel].append(handler)
+        self._metrics = metrics
+        self._timeout = timeout
+        self._send: MemoryObjectSendStream[Notification]
+        self._receive: MemoryObjectReceiveStream[Notification]
+        self._send, self._receive = anyio.create_memory_object_stream[Notification](buffer)
+
+    @property
+    def channels(self) -> list[str]:
+        return sorted(self._by_channel)
+
+    def offer(self, note: Notification) -> None:
+        """Called from the listener's callback: enqueue or drop, never wait."""
+        try:
+            self._send.send_nowait(note)
+        except anyio.WouldBlock:
+            self._metrics.notifications_dropped.labels(note.channel).inc()
+
+    async def run(self) -> None:
+        async with self._receive:
+            async for note in self._receive:
+                for handler in self._by_channel.get(note.channel, ()):
+                    await self._call(handler, note)
+
+    async def _call(self, handler: NotifyHandler, note: Notification) -> None:
+        started = time.perf_counter()
+        try:
+            with anyio.fail_after(self._timeout):
+                await handler.func(note)
+        except Exception as exc:
+            self._metrics.events_handled.labels(handler.name, "dead").inc()
+            log.warning(
+                "notify_handler_failed",
+                handler=handler.name,
+                channel=note.channel,
+                payload=note.payload[:200],
+                pid=note.pid,
+                error=f"{type(exc).__name__}: {exc}",
+                exc_info=not isinstance(exc, TimeoutError),
+            )
+        else:
+            self._metrics.events_handled.labels(handler.name, "ok").inc()
+        finally:
+            elapsed = time.perf_counter() - started
+            self._metrics.handler_duration.labels(handler.name).observe(elapsed)

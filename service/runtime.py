@@ -1,0 +1,270 @@
+"""The composition root: wires settings, engine, listener, dispatcher and HTTP into one daemon.
+
+Every task belongs to one task group. Shutdown: stop claiming, let in-flight units finish within
+``PGREACT_SHUTDOWN_TIMEOUT`` (after that they are cancelled and their claims given back), then
+close the listener, the HTTP server and the pool.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+from prometheus_client import CollectorRegistry
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+import service
+from listeners import backend_for
+from listeners.protocol import ListenerBackend, ListenerConnection, Notification
+from listeners.supervisor import Listener
+from service import installer
+from service.db import create_write_engine
+from service.dispatcher import DispatchConfig, Dispatcher
+from service.errors import SchemaError
+from service.housekeeping import Housekeeper
+from service.http import HealthApp, serve_http
+from service.metrics import Metrics, PoolSnapshot
+from service.notify import NotifyDispatcher
+from service.router import Router
+from service.settings import Settings, mask_url
+from service.store import Store
+
+log = structlog.get_logger("pgreact.runtime")
+
+READY_PING_TIMEOUT = 2.0
+
+
+@dataclass
+class Daemon:
+    """One pgreact process. ``run()`` until ``stop()``; tests run several in one loop."""
+
+    settings: Settings
+    router: Router
+    registry: CollectorRegistry | None = None
+    listener_backend: ListenerBackend | None = None
+    owner: int = field(default_factory=lambda: secrets.randbelow(2**31 - 2) + 1)
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(self.registry)
+        self.http_port: int | None = None
+        self._stop = anyio.Event()
+        self._listener: Listener | None = None
+        self._engine: AsyncEngine | None = None
+
+    def stop(self) -> None:
+        """Ask for a graceful stop (what SIGTERM does)."""
+        self._stop.set()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        s = self.settings
+        engine = create_write_engine(s)
+        self._engine = engine
+        try:
+            await self._run(engine, task_status)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await engine.dispose()
+
+    async def _run(self, engine: AsyncEngine, task_status: TaskStatus[None]) -> None:
+        s = self.settings
+        schema = s.schema_name
+        await self._check_installed(engine)
+        presence_key = installer.lock_key(schema)
+        store = Store(
+            schema,
+            owner=self.owner,
+            presence_key=presence_key,
+            max_attempts=s.max_attempts,
+            retry_base=s.retry_base,
+            retry_max=s.retry_max,
+            lease_seconds=_lease_seconds(s),
+        )
+        durable = self.router.durable
+        dispatcher = Dispatcher(
+            engine,
+            store,
+            durable,
+            self.metrics,
+            DispatchConfig(
+                concurrency=s.concurrency,
+                batch_size=s.batch_size,
+                handler_timeout=s.handler_timeout,
+            ),
+        )
+        notify = NotifyDispatcher(self.router.notify, self.metrics, timeout=s.handler_timeout)
+        housekeeper = Housekeeper(
+            engine,
+            store,
+            self.metrics,
+            handlers=[h.name for h in durable],
+            wake_all=dispatcher.wake,
+            inflight_tokens=lambda: dispatcher.inflight_tokens,
+            sweep_interval=s.sweep_interval,
+            stats_interval=s.stats_interval,
+            reap_interval=max(s.sweep_interval, 10.0),
+        )
+        wake_channel = installer.wake_channel(schema)
+        metrics = self.metrics
+
+        def on_notification(note: Notification) -> None:
+            metrics.notifications_received.labels(note.channel).inc()
+            if note.channel == wake_channel:
+                housekeeper.notified()
+                dispatcher.wake(note.payload or None)
+            else:
+                notify.offer(note)
+
+        connections = 0
+
+        async def on_connected(conn: ListenerConnection) -> None:
+            nonlocal connections
+            # Presence: while this session holds the lock, other replicas leave our claims be.
+            held = await conn.fetch_value(
+                "SELECT pg_try_advisory_lock($1, $2)", presence_key, self.owner
+            )
+            if not held:
+                log.warning("presence_lock_busy", owner=self.owner)
+            connections += 1
+            if connections > 1:
+                metrics.listener_reconnects.inc()
+            metrics.listener_connected.set(1)
+            dispatcher.wake()  # catch up on whatever was committed while we were away
+
+        def on_disconnected() -> None:
+            metrics.listener_connected.set(0)
+
+        backend = self.listener_backend or backend_for(s.listener_driver)
+        listener = Listener(
+            backend,
+            s.listen_dsn,
+            channels=[wake_channel, *notify.channels],
+            application_name=f"{s.application_name}-listener",
+            on_notification=on_notification,
+            heartbeat_interval=s.heartbeat_interval,
+            heartbeat_timeout=s.heartbeat_timeout,
+            connect_timeout=s.connect_timeout,
+            on_connected=on_connected,
+            on_disconnected=on_disconnected,
+        )
+        self._listener = listener
+        metrics.listener_connected.set(0)
+        metrics.build_info.labels(service.__version__, backend.name, s.write_driver).set(1)
+        for handler in durable:
+            metrics.prime_handler(handler.name)
+        for nh in self.router.notify:
+            metrics.events_handled.labels(nh.name, "ok")
+        metrics.observe_pool(lambda: _pool_snapshot(engine))
+
+        async def queue_usage() -> None:
+            while True:
+                metrics.notify_queue_usage.set(listener.queue_usage)
+                await anyio.sleep(1)
+
+        app = HealthApp(metrics.registry, self._readiness)
+        log.info(
+            "starting",
+            version=service.__version__,
+            database=mask_url(s.require_database_url()),
+            listen=mask_url(s.effective_listen_url),
+            listener=backend.name,
+            handlers=[h.name for h in durable],
+            notify_channels=notify.channels,
+            owner=self.owner,
+        )
+        async with anyio.create_task_group() as tg:
+            self.http_port = await tg.start(serve_http, app, s.http_host, s.http_port)
+            tg.start_soon(listener.run, name="listener")
+            tg.start_soon(notify.run, name="notify")
+            tg.start_soon(housekeeper.run, name="housekeeping")
+            tg.start_soon(queue_usage, name="queue-usage")
+            dispatch_scope = anyio.CancelScope()
+            dispatch_done = anyio.Event()
+
+            async def run_dispatcher() -> None:
+                with dispatch_scope:
+                    await dispatcher.run()
+                dispatch_done.set()
+
+            tg.start_soon(run_dispatcher, name="dispatcher")
+            log.info("started", http_port=self.http_port)
+            task_status.started()
+
+            await self._stop.wait()
+            log.info("stopping", drain_timeout=s.shutdown_timeout)
+            dispatcher.stop_claiming()
+            with anyio.move_on_after(s.shutdown_timeout):
+                await dispatch_done.wait()
+            if not dispatch_done.is_set():
+                log.warning("drain_timeout", detail="cancelling in-flight handlers")
+                dispatch_scope.cancel()
+                await dispatch_done.wait()
+            tg.cancel_scope.cancel()
+        log.info("stopped")
+
+    async def _readiness(self) -> dict[str, str]:
+        down: dict[str, str] = {}
+        listener = self._listener
+        if listener is None or not listener.connected:
+            down["listener"] = "LISTEN connection is down (reconnecting)"
+        engine = self._engine
+        if engine is None:
+            down["database"] = "not started"
+            return down
+        try:
+            with anyio.fail_after(READY_PING_TIMEOUT):
+                async with engine.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
+        except TimeoutError:
+            down["database"] = f"no pooled connection answered within {READY_PING_TIMEOUT:g} s"
+        except Exception as exc:
+            down["database"] = f"{type(exc).__name__}: {_short(exc)}"
+        return down
+
+    async def _check_installed(self, engine: AsyncEngine) -> None:
+        """Refuse to run against a database ``pgreact install`` has not prepared: the daemon
+        would wait forever for events nobody captures."""
+        schema = self.settings.schema_name
+        async with engine.connect() as conn:
+            version = await installer.schema_version(conn, schema)
+            if version < installer.latest_version():
+                raise SchemaError(
+                    f"pgreact's schema {schema!r} is at version {version}, the daemon needs "
+                    f"{installer.latest_version()}: run `pgreact install` first"
+                )
+            names = {
+                r[0]
+                for r in await conn.execute(
+                    text(f'SELECT handler FROM "{schema}".subscriptions')  # validated identifier
+                )
+            }
+        missing = [h.name for h in self.router.durable if h.name not in names]
+        if missing:
+            raise SchemaError(
+                f"handler(s) {', '.join(missing)} are not installed (no capture set up): "
+                "run `pgreact install` with the same PGREACT_HANDLERS"
+            )
+
+
+def _lease_seconds(s: Settings) -> float:
+    """A backstop only (a dead owner is noticed through its presence lock at once): long enough
+    for a whole batch of calls that each run up to the handler timeout."""
+    return s.handler_timeout * max(s.batch_size, 1) + 60
+
+
+def _pool_snapshot(engine: AsyncEngine) -> PoolSnapshot | None:
+    pool = engine.sync_engine.pool
+    try:
+        checked_out = int(pool.checkedout())  # type: ignore[attr-defined]
+        idle = int(pool.checkedin())  # type: ignore[attr-defined]
+        overflow = max(0, int(pool.overflow()))  # type: ignore[attr-defined]
+    except AttributeError:
+        return None
+    return PoolSnapshot(checked_out=checked_out, idle=idle, overflow=overflow)
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
