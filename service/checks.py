@@ -143,11 +143,8 @@ def _check_budget(settings: Settings, available: int, report: CheckReport) -> No
 
 
 async def _check_install(
-    conn: object, settings: Settings, router: Router, report: CheckReport
+    conn: AsyncConnection, settings: Settings, router: Router, report: CheckReport
 ) -> None:
-    from sqlalchemy.ext.asyncio import AsyncConnection
-
-    assert isinstance(conn, AsyncConnection)  # noqa: S101 - narrowing for the type checker
     schema = settings.schema_name
     version = await installer.schema_version(conn, schema)
     latest = installer.latest_version()
