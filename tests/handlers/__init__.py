@@ -1,0 +1,1 @@
+"""Handler modules the process-level tests load through PGREACT_HANDLERS."""

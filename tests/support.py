@@ -1,0 +1,160 @@
+"""Helpers for tests that run the daemon: schema for effects, fast settings, an in-process
+daemon runner, and polling with a deadline (no sleeps that guess)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psycopg
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from service import installer
+from service.router import Router
+from service.runtime import Daemon
+from service.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Effects deliberately have no unique constraint: duplicates must be countable.
+TABLES_SQL = """
+CREATE TABLE IF NOT EXISTS source (id bigint PRIMARY KEY, v integer, payload text);
+CREATE TABLE IF NOT EXISTS effects (
+    seq bigserial, handler text, event_id bigint, k text, op text, v integer,
+    attempt integer, at timestamptz DEFAULT clock_timestamp()
+);
+"""
+
+FAST: dict[str, Any] = {
+    "heartbeat_interval": 0.5,
+    "heartbeat_timeout": 1.0,
+    "connect_timeout": 3.0,
+    "sweep_interval": 0.5,
+    "stats_interval": 0.5,
+    "retry_base": 0.05,
+    "retry_max": 0.2,
+    "handler_timeout": 5.0,
+    "shutdown_timeout": 5.0,
+    "http_host": "127.0.0.1",
+    "http_port": 0,
+    "log_level": "WARNING",
+}
+
+
+def libpq(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://").replace(
+        "postgresql+psycopg://", "postgresql://"
+    )
+
+
+def make_settings(sa_url: str, **overrides: Any) -> Settings:
+    values = {**FAST, "database_url": sa_url, **overrides}
+    return load_settings(None, environ={}, **values)
+
+
+def sql(dsn: str, statement: str, params: Any = None) -> list[tuple[Any, ...]]:
+    """Run one statement with autocommit and return its rows (empty for no result)."""
+    with psycopg.connect(libpq(dsn), autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute(statement, params)
+        return cur.fetchall() if cur.description else []
+
+
+def create_tables(dsn: str) -> None:
+    with psycopg.connect(libpq(dsn), autocommit=True) as conn:
+        conn.execute(TABLES_SQL)
+
+
+async def install(sa_url: str, router: Router, schema: str = "pgreact") -> installer.InstallPlan:
+    engine = create_async_engine(sa_url)
+    try:
+        return await installer.install(engine, router, schema)
+    finally:
+        await engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, router: Router, **kwargs: Any) -> AsyncIterator[Daemon]:
+    """Run a daemon in this event loop for the duration of the block, then stop it cleanly."""
+    daemon = Daemon(settings, router, **kwargs)
+    async with anyio.create_task_group() as tg:
+        await tg.start(daemon.run)
+        try:
+            yield daemon
+        finally:
+            daemon.stop()
+
+
+async def wait_until(
+    predicate: Callable[[], Awaitable[bool] | bool],
+    timeout: float = 20.0,
+    interval: float = 0.05,
+    message: str = "condition",
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {message}")
+        await anyio.sleep(interval)
+
+
+def effect_counts(dsn: str, handler: str | None = None) -> tuple[int, int]:
+    """(rows, distinct event ids) in effects, optionally for one handler."""
+    rows = sql(
+        dsn,
+        "SELECT count(*), count(DISTINCT event_id) FROM effects "
+        "WHERE %(h)s::text IS NULL OR handler = %(h)s",
+        {"h": handler},
+    )
+    return int(rows[0][0]), int(rows[0][1])
+
+
+def queue_state(dsn: str, schema: str = "pgreact") -> dict[str, int]:
+    row = sql(
+        dsn,
+        f"""SELECT count(*) FILTER (WHERE dead_at IS NULL),
+                   count(*) FILTER (WHERE dead_at IS NOT NULL),
+                   count(*) FILTER (WHERE lease_until IS NOT NULL)
+            FROM "{schema}".queue""",
+    )[0]
+    return {"live": int(row[0]), "dead": int(row[1]), "claimed": int(row[2])}
+
+
+def pgreact_cli(
+    *args: str, env: Mapping[str, str], timeout: float = 60, cwd: Path = ROOT
+) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI in a subprocess (``python -m service.cli``)."""
+    full_env = {**os.environ, **env, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    return subprocess.run(  # noqa: S603 - our own interpreter and module
+        [sys.executable, "-m", "service.cli", *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        check=False,
+    )
+
+
+def spawn_daemon(env: Mapping[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``pgreact run`` as a real process (for signal and multi-process tests)."""
+    full_env = {**os.environ, **env, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    log = log_path.open("wb")
+    return subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "service.cli", "run"],
+        env=full_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
