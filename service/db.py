@@ -32,6 +32,8 @@ def sqlstate_of(exc: BaseException) -> str | None:
 
 def is_transient(exc: BaseException) -> bool:
     """True when retrying later is the right answer and the attempt should not count."""
+    if isinstance(exc, TimeoutError):  # a handler timeout (an OSError subclass!) counts
+        return False
     if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
         return True
     if isinstance(exc, sqlalchemy.exc.TimeoutError):  # waiting for a pooled connection

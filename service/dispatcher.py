@@ -15,7 +15,6 @@ Failures are isolated rather than letting one bad event sink its batch:
 from __future__ import annotations
 
 import contextlib
-import secrets
 import time
 import traceback
 from collections.abc import Sequence
@@ -126,6 +125,10 @@ class Dispatcher:
         for h in self._handlers:
             self._by_table.setdefault(h.table.qualified, []).append(h.name)
         self._units: dict[int, _Unit] = {}
+        # Claim tokens: this process's owner id in the high bits, a counter in the low bits.
+        # Unique across processes (fencing) and ordered within one (see ``claims_snapshot``).
+        self._token_base = store.owner << 32
+        self._token_seq = 0
         self._stopping = False
         self._last_error_log: dict[str, float] = {}
 
@@ -142,9 +145,11 @@ class Dispatcher:
         for wakeup in self._wakeups.values():
             wakeup.ring()
 
-    @property
-    def inflight_tokens(self) -> list[int]:
-        return list(self._units)
+    def claims_snapshot(self) -> tuple[list[int], int]:
+        """(tokens of units in flight, highest token issued so far). The reaper may take back
+        our own claims only below that watermark: a unit that starts after the snapshot is
+        still busy claiming, not abandoned."""
+        return list(self._units), self._token_base + self._token_seq
 
     @property
     def busy(self) -> bool:
@@ -177,7 +182,8 @@ class Dispatcher:
     async def _unit(
         self, handler: DurableHandler, limit: int, *, task_status: TaskStatus[int]
     ) -> None:
-        unit = _Unit(handler, secrets.randbits(62))
+        self._token_seq = (self._token_seq + 1) % (1 << 32)
+        unit = _Unit(handler, self._token_base + self._token_seq)
         self._units[unit.token] = unit
         started = False
         reason: BaseException | str = "interrupted by shutdown before it finished"

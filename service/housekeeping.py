@@ -32,7 +32,7 @@ class Housekeeper:
         *,
         handlers: Sequence[str],
         wake_all: Callable[[], None],
-        inflight_tokens: Callable[[], list[int]],
+        claims_snapshot: Callable[[], tuple[list[int], int]],
         sweep_interval: float,
         stats_interval: float,
         reap_interval: float,
@@ -42,7 +42,7 @@ class Housekeeper:
         self._metrics = metrics
         self._handlers = list(handlers)
         self._wake_all = wake_all
-        self._inflight = inflight_tokens
+        self._claims_snapshot = claims_snapshot
         self._sweep_interval = sweep_interval
         self._stats_interval = stats_interval
         self._reap_interval = reap_interval
@@ -70,8 +70,9 @@ class Housekeeper:
             await anyio.sleep(TICK)
 
     async def reap(self) -> None:
+        inflight, watermark = self._claims_snapshot()
         async with self._engine.connect() as conn:
-            reaped = await self._store.reap(conn, self._inflight())
+            reaped = await self._store.reap(conn, inflight, watermark)
         for item in reaped:
             self._metrics.claims_reaped.labels(item.handler).inc()
             if item.dead:

@@ -51,10 +51,16 @@ class NotifyDispatcher:
             self._metrics.notifications_dropped.labels(note.channel).inc()
 
     async def run(self) -> None:
-        async with self._receive:
+        try:
             async for note in self._receive:
                 for handler in self._by_channel.get(note.channel, ()):
                     await self._call(handler, note)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._send.close()
+        self._receive.close()
 
     async def _call(self, handler: NotifyHandler, note: Notification) -> None:
         started = time.perf_counter()

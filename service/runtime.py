@@ -102,7 +102,7 @@ class Daemon:
             self.metrics,
             handlers=[h.name for h in durable],
             wake_all=dispatcher.wake,
-            inflight_tokens=lambda: dispatcher.inflight_tokens,
+            claims_snapshot=dispatcher.claims_snapshot,
             sweep_interval=s.sweep_interval,
             stats_interval=s.stats_interval,
             reap_interval=max(s.sweep_interval, 10.0),
@@ -203,6 +203,7 @@ class Daemon:
                 dispatch_scope.cancel()
                 await dispatch_done.wait()
             tg.cancel_scope.cancel()
+        notify.close()
         log.info("stopped")
 
     async def _readiness(self) -> dict[str, str]:

@@ -165,7 +165,8 @@ class Store:
                 dead_at = CASE WHEN q.owner <> :me AND q.attempts >= :max THEN now() END
             WHERE q.lease_until IS NOT NULL AND q.dead_at IS NULL
               AND (q.lease_until < now()
-                   OR (q.owner = :me AND NOT (q.claim_token = ANY(CAST(:inflight AS bigint[]))))
+                   OR (q.owner = :me AND q.claim_token <= :watermark
+                       AND NOT (q.claim_token = ANY(CAST(:inflight AS bigint[]))))
                    OR (q.owner <> :me AND NOT EXISTS (
                         SELECT 1 FROM pg_locks l
                         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
@@ -266,12 +267,17 @@ class Store:
 
     # -- housekeeping ---------------------------------------------------------------------
 
-    async def reap(self, conn: AsyncConnection, inflight: Sequence[int]) -> list[Reaped]:
+    async def reap(
+        self, conn: AsyncConnection, inflight: Sequence[int], watermark: int
+    ) -> list[Reaped]:
+        """Take back abandoned claims; ours only if issued at or below ``watermark`` and no
+        longer in ``inflight``."""
         result = await conn.execute(
             self._reap,
             {
                 "me": self.owner,
                 "inflight": list(inflight),
+                "watermark": watermark,
                 "ns": self.presence_key,
                 "max": self.max_attempts,
             },

@@ -136,7 +136,7 @@ def pgreact_cli(
 ) -> subprocess.CompletedProcess[str]:
     """Run the real CLI in a subprocess (``python -m service.cli``)."""
     full_env = {**os.environ, **env, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    return subprocess.run(  # noqa: S603 - our own interpreter and module
+    return subprocess.run(
         [sys.executable, "-m", "service.cli", *args],
         env=full_env,
         capture_output=True,
@@ -151,7 +151,7 @@ def spawn_daemon(env: Mapping[str, str], log_path: Path) -> subprocess.Popen[byt
     """Start ``pgreact run`` as a real process (for signal and multi-process tests)."""
     full_env = {**os.environ, **env, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     log = log_path.open("wb")
-    return subprocess.Popen(  # noqa: S603
+    return subprocess.Popen(
         [sys.executable, "-m", "service.cli", "run"],
         env=full_env,
         stdout=log,

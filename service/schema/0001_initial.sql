@@ -66,13 +66,18 @@ LANGUAGE plpgsql AS $$
 DECLARE
     n bigint;
 BEGIN
+    -- MATERIALIZED: one change id per row, computed before the fan-out join (a flattened
+    -- subquery would call nextval() once per row *and handler*).
+    WITH c AS MATERIALIZED (
+        SELECT nextval('__SCHEMA__.change_id_seq') AS change_id, i.img,
+               __SCHEMA__.key_of(i.img, TG_ARGV) AS row_key
+        FROM (SELECT to_jsonb(r) AS img FROM pgreact_new_rows r) i
+    )
     INSERT INTO __SCHEMA__.queue (change_id, handler, table_name, op, row_key, order_key, new_row)
     SELECT c.change_id, s.handler, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'INSERT', c.row_key,
            CASE WHEN s.ordered THEN __SCHEMA__.key_of(c.img, coalesce(s.key_columns, TG_ARGV)) END,
            c.img
-    FROM (SELECT nextval('__SCHEMA__.change_id_seq') AS change_id, i.img,
-                 __SCHEMA__.key_of(i.img, TG_ARGV) AS row_key
-          FROM (SELECT to_jsonb(r) AS img FROM pgreact_new_rows r) i) c
+    FROM c
     JOIN __SCHEMA__.subscriptions s
       ON s.table_schema = TG_TABLE_SCHEMA AND s.table_name = TG_TABLE_NAME
      AND 'INSERT' = ANY (s.ops)
@@ -90,13 +95,16 @@ LANGUAGE plpgsql AS $$
 DECLARE
     n bigint;
 BEGIN
+    WITH c AS MATERIALIZED (
+        SELECT nextval('__SCHEMA__.change_id_seq') AS change_id, i.img,
+               __SCHEMA__.key_of(i.img, TG_ARGV) AS row_key
+        FROM (SELECT to_jsonb(r) AS img FROM pgreact_old_rows r) i
+    )
     INSERT INTO __SCHEMA__.queue (change_id, handler, table_name, op, row_key, order_key, old_row)
     SELECT c.change_id, s.handler, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'DELETE', c.row_key,
            CASE WHEN s.ordered THEN __SCHEMA__.key_of(c.img, coalesce(s.key_columns, TG_ARGV)) END,
            c.img
-    FROM (SELECT nextval('__SCHEMA__.change_id_seq') AS change_id, i.img,
-                 __SCHEMA__.key_of(i.img, TG_ARGV) AS row_key
-          FROM (SELECT to_jsonb(r) AS img FROM pgreact_old_rows r) i) c
+    FROM c
     JOIN __SCHEMA__.subscriptions s
       ON s.table_schema = TG_TABLE_SCHEMA AND s.table_name = TG_TABLE_NAME
      AND 'DELETE' = ANY (s.ops)
