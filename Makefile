@@ -1,0 +1,10 @@
+# Thin wrappers: the real entry points are `python3 scripts/dev.py demo|test`.
+.PHONY: demo test bench lint
+demo:
+	python3 scripts/dev.py demo
+test:
+	python3 scripts/dev.py test
+bench:
+	.venv/bin/python -m benchmarks.run
+lint:
+	.venv/bin/ruff check service listeners tests benchmarks scripts && .venv/bin/mypy

@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""The project's two entry points, runnable with nothing but Python 3.11+:
+
+    python3 scripts/dev.py demo   # venv + install + `pgreact demo` on an embedded PostgreSQL
+    python3 scripts/dev.py test   # venv + install + test tools + ruff + mypy + pytest
+
+Both create ``.venv`` beside the project on first use and reinstall only when ``pyproject.toml``
+changed. Extra arguments after ``test`` go to pytest; after ``demo``, to ``pgreact demo``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = Path(os.environ.get("PGREACT_VENV", ROOT / ".venv"))
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PY = BIN / "python"
+
+
+def sh(*args: str | Path, env: dict[str, str] | None = None) -> None:
+    print("+", " ".join(str(a) for a in args), flush=True)
+    result = subprocess.run([str(a) for a in args], cwd=ROOT, env=env, check=False)  # noqa: S603
+    if result.returncode != 0:
+        sys.exit(result.returncode)
+
+
+def ensure_venv(extras: str) -> None:
+    if sys.version_info < (3, 11):
+        sys.exit("pgreact needs Python 3.11 or newer")
+    if not PY.exists():
+        print(f"creating {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    stamp = VENV / f".pgreact-installed-{extras.replace(',', '-')}"
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if stamp.exists() and stamp.read_text() == digest:
+        return
+    sh(PY, "-m", "pip", "install", "--quiet", "--upgrade", "pip")
+    sh(PY, "-m", "pip", "install", "--quiet", "-e", f"{ROOT}[{extras}]")
+    stamp.write_text(digest)
+
+
+def demo(args: list[str]) -> None:
+    ensure_venv("demo,speed")
+    sh(BIN / "pgreact", "demo", *args)
+
+
+def test(args: list[str]) -> None:
+    ensure_venv("test,demo,speed")
+    tools = ROOT / "scripts" / "install-test-tools.sh"
+    if tools.exists():
+        sh("bash", tools)
+    sh(BIN / "ruff", "check", "service", "listeners", "tests", "benchmarks", "scripts")
+    sh(BIN / "ruff", "format", "--check", "service", "listeners", "tests", "benchmarks", "scripts")
+    sh(BIN / "mypy")
+    sh(PY, "-m", "pytest", *args)
+
+
+def main() -> None:
+    commands = {"demo": demo, "test": test}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        sys.exit(f"usage: {sys.argv[0]} {{demo|test}} [args…]")
+    commands[sys.argv[1]](sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()
