@@ -54,6 +54,7 @@ class AsyncpgConnection:
         self._on_notification = on_notification
         self._gone = asyncio.Event()
         self._closing = False
+        self._abandoned = False
         # asyncpg refuses a second operation while one is in progress ("another operation is
         # in progress"): the heartbeat and the service's own queries take turns.
         self._lock = asyncio.Lock()
@@ -84,6 +85,9 @@ class AsyncpgConnection:
                     await self._conn.add_listener(channel, self._on_notify)
             except _DRIVER_ERRORS as exc:
                 raise self._translate(exc, f"LISTEN {channel!r}") from exc
+            except asyncio.CancelledError:
+                self._abandoned = True  # see fetch_value()
+                raise
 
     async def notify(self, channel: str, payload: str) -> None:
         await self.fetch_value("SELECT pg_notify($1, $2)", channel, payload)
@@ -94,6 +98,11 @@ class AsyncpgConnection:
                 return await self._conn.fetchval(sql, *args)
         except _DRIVER_ERRORS as exc:
             raise self._translate(exc, "query") from exc
+        except asyncio.CancelledError:
+            # Abandoned mid-query (e.g. a heartbeat timeout on a half-open connection): the
+            # connection's state is unknown, so aclose() will abort instead of closing politely.
+            self._abandoned = True
+            raise
 
     async def wait_closed(self) -> None:
         await self._gone.wait()
@@ -103,13 +112,16 @@ class AsyncpgConnection:
     async def aclose(self) -> None:
         self._closing = True
         conn = self._conn
-        try:
-            # A graceful close sends Terminate and waits for the server to hang up; on a
-            # half-open connection that never happens, hence the timeout (close() aborts the
-            # transport itself when it fails or is cancelled).
-            await conn.close(timeout=CLOSE_TIMEOUT)
-        except _DRIVER_ERRORS:
+        if self._abandoned:
             conn.terminate()
+        else:
+            try:
+                # A graceful close sends Terminate and waits for the server to hang up; on a
+                # half-open connection that never happens, hence the timeout (close() aborts
+                # the transport itself when it fails or is cancelled).
+                await conn.close(timeout=CLOSE_TIMEOUT)
+            except _DRIVER_ERRORS:
+                conn.terminate()
         self._gone.set()
 
     def _translate(self, exc: BaseException, what: str) -> ListenerError:

@@ -125,7 +125,10 @@ class PsycopgConnection:
                 # cancellation while the connection is still ACTIVE, psycopg would send a cancel
                 # request and wait for the server (seconds). So close the connection (PQfinish
                 # doesn't block; close() has no await point, so the worker cannot run in
-                # between) before the worker wakes up: it then unwinds at once.
+                # between) before the worker wakes up: it then unwinds at once. (Its last act
+                # is to unregister the now closed fd number from the loop: a callback already
+                # queued ahead of it could in theory reuse that number for a new socket and
+                # register a reader; we accept that one-iteration window for this rare path.)
                 worker.cancel()
                 await self._conn.close()
                 await asyncio.wait([worker])
@@ -173,10 +176,14 @@ class PsycopgConnection:
                     value = row[0] if row is not None else None
         except psycopg.Error as exc:
             if self._conn.broken or self._conn.closed:
-                _set_exception(command.future, ListenerLost(f"connection lost: {exc}"), exc)
+                _set_exception(
+                    command.future, ListenerLost(f"connection lost: {_oneline(exc)}"), exc
+                )
                 raise
             _set_exception(
-                command.future, ListenerError(f"query failed: {type(exc).__name__}: {exc}"), exc
+                command.future,
+                ListenerError(f"query failed: {type(exc).__name__}: {_oneline(exc)}"),
+                exc,
             )
         else:
             if not command.future.done():
@@ -192,7 +199,7 @@ class PsycopgConnection:
 
     def _worker_done(self, worker: asyncio.Task[None]) -> None:
         exc = None if worker.cancelled() else worker.exception()
-        lost = ListenerLost(f"connection lost: {exc}" if exc else "connection is closed")
+        lost = ListenerLost(f"connection lost: {_oneline(exc)}" if exc else "connection is closed")
         while self._commands:
             _set_exception(self._commands.popleft().future, lost, exc)
 
@@ -204,8 +211,13 @@ class PsycopgConnection:
         if exc is None:  # pragma: no cover - the worker only ends by an exception
             raise ListenerLost("listener worker ended")
         if isinstance(exc, psycopg.Error):
-            raise ListenerLost(f"connection lost: {exc}") from exc
+            raise ListenerLost(f"connection lost: {_oneline(exc)}") from exc
         raise exc  # a bug, not a network problem: let it crash loudly
+
+
+def _oneline(exc: BaseException) -> str:
+    """libpq messages span several indented lines; logs want one."""
+    return " ".join(str(exc).split())
 
 
 def _set_exception(
@@ -240,5 +252,7 @@ class PsycopgBackend:
                 cursor_factory=psycopg.AsyncRawCursor,
             )
         except psycopg.Error as exc:
-            raise ListenerConnectError(f"could not connect: {type(exc).__name__}: {exc}") from exc
+            raise ListenerConnectError(
+                f"could not connect: {type(exc).__name__}: {_oneline(exc)}"
+            ) from exc
         return PsycopgConnection(conn, on_notification)

@@ -75,6 +75,25 @@ class Listener:
     * ``last_heartbeat_ok`` — ``time.monotonic()`` of the last good heartbeat, or ``None``;
     * ``backend_name`` — ``asyncpg``, ``psycopg`` or ``memory``;
     * ``connection`` — the current connection while connected, else ``None``.
+
+    Parameters:
+
+    * ``dsn`` — libpq URL (a SQLAlchemy ``+driver`` suffix is accepted); masked in logs.
+    * ``channels`` — channels to LISTEN on, quoted as identifiers (any name works).
+    * ``on_notification`` — called from the driver's callback for every notification on
+      ``channels`` (possibly already during set-up, before ``connected`` is true). It must only
+      enqueue; exceptions it raises are logged and the notification is dropped.
+    * ``heartbeat_interval`` / ``heartbeat_timeout`` — a loss is noticed within about
+      ``heartbeat_interval + heartbeat_timeout`` on a silent (half-open) connection, at once
+      when the server closes it.
+    * ``connect_timeout`` — for opening the connection, and again for LISTEN + the first
+      heartbeat + ``on_connected`` together.
+    * ``backoff`` — delays between attempts (default ``Backoff(0.5, 30.0)``).
+    * ``on_connected(conn)`` — after every (re)connect, before ``connected`` turns true; may
+      query through ``conn``. Raising (or exceeding the timeout) counts as a failed attempt.
+    * ``on_disconnected()`` — when an established connection is lost (not on shutdown).
+    * ``logger`` — a structlog logger (default ``pgreact.listener``), bound with ``backend``.
+    * ``healthy_after`` — seconds a connection must last before the back-off resets.
     """
 
     def __init__(
@@ -124,9 +143,8 @@ class Listener:
         self._running = False
         self._heartbeat_seq = 0
         self._heartbeat_waiter: tuple[str, anyio.Event] | None = None
-        self._last_failure: tuple[str, str] | None = None
-        self._last_failure_logged = 0.0
-        self._suppressed_failures = 0
+        # error text -> [monotonic time it was last logged at warning level, repeats since]
+        self._failures_logged: dict[str, list[float]] = {}
 
     @property
     def backend_name(self) -> str:
@@ -167,7 +185,7 @@ class Listener:
                     channels=list(self.channels),
                 )
                 attempt = 0
-                self._last_failure = None
+                self._failures_logged.clear()
                 self.connection = conn
                 self.connected = True
                 if not started:
@@ -350,27 +368,28 @@ class Listener:
             self._log.exception("on_disconnected raised")
 
     def _log_connect_failure(self, exc: ListenerError, attempt: int, delay: float) -> None:
-        key = (type(exc).__name__, str(exc))
+        """Warn about each distinct error once per REPEAT_LOG_INTERVAL; repeats go to debug.
+
+        Keyed by error text rather than "same as the previous one", so a server in recovery
+        whose errors alternate (shutting down / reset / refused) still doesn't flood the logs.
+        """
+        error = str(exc)
         now = time.monotonic()
         fields = {
             "attempt": attempt,
             "delay": round(delay, 3),
-            "error": str(exc),
+            "error": error,
             "dsn": mask_dsn(self._dsn),
         }
-        if key != self._last_failure:
-            self._last_failure = key
-            self._last_failure_logged = now
-            self._suppressed_failures = 0
+        seen = self._failures_logged.get(error)
+        if seen is None:
+            if len(self._failures_logged) >= 64:  # bounded, whatever the errors look like
+                self._failures_logged.clear()
+            self._failures_logged[error] = [now, 0]
             self._log.warning("listener connect failed", **fields)
-        elif now - self._last_failure_logged >= REPEAT_LOG_INTERVAL:
-            self._last_failure_logged = now
-            self._log.warning(
-                "listener connect still failing",
-                suppressed=self._suppressed_failures,
-                **fields,
-            )
-            self._suppressed_failures = 0
+        elif now - seen[0] >= REPEAT_LOG_INTERVAL:
+            self._log.warning("listener connect still failing", suppressed=int(seen[1]), **fields)
+            seen[:] = [now, 0]
         else:
-            self._suppressed_failures += 1
+            seen[1] += 1
             self._log.debug("listener connect failed", **fields)
