@@ -26,7 +26,7 @@ from anyio.abc import TaskStatus
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from service.db import connection_is_suspect, is_transient
-from service.errors import LeaseLost
+from service.errors import HandlerMisuse, LeaseLost
 from service.metrics import Metrics
 from service.router import DurableHandler
 from service.store import Claimed, Store
@@ -101,6 +101,24 @@ class _Unit:
     handler: DurableHandler
     token: int
     open_ids: set[int] = field(default_factory=set)
+
+
+class HandlerSession(AsyncSession):
+    """The session handlers get. pgreact owns the transaction (it commits the handler's writes
+    together with the ack), so a handler that commits or rolls back is a bug: say so loudly
+    instead of silently breaking exactly-once."""
+
+    async def commit(self) -> None:
+        raise HandlerMisuse(
+            "handlers must not call session.commit(): pgreact commits the handler's writes "
+            "together with the event's ack; just return"
+        )
+
+    async def rollback(self) -> None:
+        raise HandlerMisuse(
+            "handlers must not call session.rollback(): raise an exception instead, and "
+            "pgreact rolls back and retries the event"
+        )
 
 
 class Dispatcher:
@@ -227,6 +245,11 @@ class Dispatcher:
         while todo:
             group = todo.pop(0)
             outcome = await self._attempt(conn, unit, group)
+            if outcome.lease_lost:
+                # Some of the group was taken over; give back what is still ours (fenced by
+                # the token, so rows another process holds are untouched).
+                ids = [c.delivery_id for c in group]
+                await self._store.release(await conn.get(), ids, unit.token)
             if outcome.ok or outcome.lease_lost:
                 unit.open_ids.difference_update(c.delivery_id for c in group)
                 continue
@@ -249,7 +272,7 @@ class Dispatcher:
         outcome = _Outcome()
         try:
             db = await conn.get()
-            session = AsyncSession(bind=db, expire_on_commit=False)
+            session = HandlerSession(bind=db, expire_on_commit=False)
             async with session, session.begin():
                 if handler.batch:
                     await self._call(handler, group, session)
@@ -287,8 +310,15 @@ class Dispatcher:
         self, handler: DurableHandler, group: Sequence[Claimed], session: AsyncSession
     ) -> None:
         started = time.perf_counter()
+        first = group[0].event
+        context: dict[str, object] = {"handler": handler.name, "table": first.table}
+        if len(group) == 1:
+            context |= {"event_id": first.id, "op": first.op, "attempt": first.attempt}
         try:
-            with anyio.fail_after(self._config.handler_timeout):
+            with (
+                structlog.contextvars.bound_contextvars(**context),
+                anyio.fail_after(self._config.handler_timeout),
+            ):
                 await handler.call([c.event for c in group], session)
         finally:
             self._metrics.handler_duration.labels(handler.name).observe(

@@ -8,6 +8,7 @@ user can act on. Driver errors are translated at the boundary with ``raise ... f
     ├── HandlerLoadError       a handler module fails to import or defines no ``router`` (exit 2)
     ├── RouterError            invalid handler registration (duplicate name, bad table, bad ops)
     ├── SchemaError            pgreact's schema is missing, too old, or a table cannot be captured
+    ├── HandlerMisuse          a handler did what only pgreact may (commit, roll back)
     ├── DatabaseUnavailable    the database cannot be reached now (transient; retried)
     └── LeaseLost              an event's claim was taken over; the transaction is rolled back
 """
@@ -41,6 +42,10 @@ class RouterError(PgreactError):
 
 class SchemaError(PgreactError):
     """pgreact's schema or a captured table is not in the state the daemon needs."""
+
+
+class HandlerMisuse(PgreactError):
+    """A handler called ``session.commit()`` or ``session.rollback()``; the event fails."""
 
 
 class DatabaseUnavailable(PgreactError):

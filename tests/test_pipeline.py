@@ -321,3 +321,23 @@ async def test_on_notify_survives_bad_payloads(pg_dsn: str, sa_url: str) -> None
         await wait_until(lambda: effect_counts(pg_dsn)[0] == 2, message="durable effects")
     assert [n.payload for n in got] == ["1", "2", "3"]
     assert all(n.channel == "cache_invalidation" and n.pid > 0 for n in got)
+
+
+async def test_a_handler_that_commits_fails_loudly_and_nothing_is_doubled(
+    pg_dsn: str, sa_url: str
+) -> None:
+    create_tables(pg_dsn)
+    router = Router()
+
+    @router.on("source", name="committer")
+    async def committer(event: Event, session: AsyncSession) -> None:
+        await session.execute(EFFECT, effect("committer", event))
+        await session.commit()
+
+    await install(sa_url, router)
+    async with running(make_settings(sa_url, max_attempts=1), router):
+        sql(pg_dsn, "INSERT INTO source VALUES (1, 1)")
+        await wait_until(lambda: queue_state(pg_dsn)["dead"] == 1, message="dead letter")
+    assert effect_counts(pg_dsn) == (0, 0)
+    (error,) = sql(pg_dsn, "SELECT last_error FROM pgreact.queue")[0]
+    assert "must not call session.commit()" in error
