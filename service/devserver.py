@@ -136,7 +136,9 @@ class EmbeddedPostgres:
     """A PostgreSQL server on 127.0.0.1 owned by this process.
 
     ``with EmbeddedPostgres() as pg:`` starts it and, on exit, stops it and deletes its temporary
-    data directory. Trust authentication, superuser ``postgres``, UTF8, C locale.
+    data directory (a given ``data_dir`` is kept and reused). Trust authentication, superuser
+    ``postgres``, UTF8, C locale. As root, the server runs as ``pgreact-pg`` and the ancestors of
+    ``data_dir`` get the o+x bit so that user can reach it.
     """
 
     def __init__(
@@ -152,18 +154,20 @@ class EmbeddedPostgres:
             if reserved in settings:
                 raise ValueError(f"{reserved!r} is managed by EmbeddedPostgres; do not pass it")
         self._bin = find_bin_path()
+        self._run_as = _service_account() if os.geteuid() == 0 else None
+        self._auto_port = port is None
+        self._port = find_free_port() if port is None else port
+        self._settings = {**DEFAULT_SETTINGS, **settings}
+        self._cache_dir = cache_dir or default_cache_dir()
         self._owned_dirs: list[Path] = []  # temporary directories cleanup() deletes
         if data_dir is None:
             data_dir = Path(tempfile.mkdtemp(prefix="pgreact-pg-", dir=temp_root()))
             self._owned_dirs.append(data_dir)
         self._data = data_dir.absolute()
-        self._auto_port = port is None
-        self._port = find_free_port() if port is None else port
-        self._settings = {**DEFAULT_SETTINGS, **settings}
-        self._cache_dir = cache_dir or default_cache_dir()
-        self._run_as = _service_account() if os.geteuid() == 0 else None
+        self._started_once = False
         self._socket_dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._watchdog: _Watchdog | None = None
         self._closed = False
         # Never leave a postmaster behind when the interpreter exits without cleanup().
         atexit.register(self.cleanup)
@@ -210,19 +214,22 @@ class EmbeddedPostgres:
             raise DevServerError("this EmbeddedPostgres was cleaned up; create a new one")
         if self.is_running():
             return
+        self._forget_postmaster()  # it may have died behind our back (pg_ctl kill, OOM killer)
         self._prepare_data_dir()
         for attempt in range(3):
             self._write_conf()
             try:
                 self._spawn_and_wait(timeout)
-                return
             except DevServerError:
                 # A free port picked at construction may have been taken since: pick another,
-                # but only while the caller cannot have relied on the old one yet.
+                # but only before the first start (afterwards the port is a promise: fail).
                 port_taken = "Address already in use" in self.log_tail(5)
-                if not (self._auto_port and port_taken and attempt < 2):
+                if not (self._auto_port and not self._started_once and port_taken and attempt < 2):
                     raise
                 self._port = find_free_port()
+            else:
+                self._started_once = True
+                return
 
     def stop(self, mode: StopMode = "fast", timeout: float = 60.0) -> None:
         """Shut down with PostgreSQL's ``mode`` semantics; a no-op if not running."""
@@ -239,7 +246,7 @@ class EmbeddedPostgres:
                     f"PostgreSQL did not stop ({mode}) within {timeout:.0f}s; "
                     f"last lines of {self.log_path}:\n{self.log_tail()}"
                 ) from None
-        self._proc = None
+        self._forget_postmaster()
 
     def restart(self, mode: StopMode = "fast", timeout: float = 60.0) -> None:
         """Stop and start again on the same port and data directory."""
@@ -256,7 +263,7 @@ class EmbeddedPostgres:
         """
         proc = self._proc
         if proc is None or proc.poll() is not None:
-            self._proc = None
+            self._forget_postmaster()
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGSTOP)
@@ -264,8 +271,7 @@ class EmbeddedPostgres:
         for pid in (proc.pid, *children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        proc.wait()
-        self._proc = None
+        self._forget_postmaster()
         _wait_gone(children, timeout=10.0)
 
     def cleanup(self) -> None:
@@ -280,7 +286,7 @@ class EmbeddedPostgres:
                     self.stop("fast", timeout=30.0)
                 except DevServerError:
                     self.kill()
-            self._proc = None
+            self._forget_postmaster()
         finally:
             for path in self._owned_dirs:
                 shutil.rmtree(path, ignore_errors=True)
@@ -377,8 +383,20 @@ class EmbeddedPostgres:
         if self._run_as:
             os.chown(path, self._run_as.uid, self._run_as.gid)
 
+    def _forget_postmaster(self) -> None:
+        """Reap the (exited or killed) postmaster and disarm its watchdog."""
+        if self._proc is not None:
+            self._proc.wait()
+            self._proc = None
+        if self._watchdog is not None:
+            self._watchdog.disarm()
+            self._watchdog = None
+
     def _spawn_and_wait(self, timeout: float) -> None:
         kwargs = self._run_as.popen_kwargs() if self._run_as else {}
+        self._watchdog = _Watchdog(
+            self._bin, self._data, delete=self._data in self._owned_dirs, popen_kwargs=kwargs
+        )
         with self.log_path.open("ab") as log:
             # start_new_session: a Ctrl-C in the terminal must not reach the server; we decide
             # how it stops.
@@ -397,7 +415,7 @@ class EmbeddedPostgres:
         deadline = time.monotonic() + timeout
         while True:
             if (code := proc.poll()) is not None:
-                self._proc = None
+                self._forget_postmaster()
                 raise DevServerError(
                     f"PostgreSQL exited with code {code} during start-up; "
                     f"last lines of {self.log_path}:\n{self.log_tail()}"
@@ -419,6 +437,51 @@ class EmbeddedPostgres:
                     f"last lines of {self.log_path}:\n{self.log_tail()}"
                 )
             time.sleep(0.02)
+
+
+class _Watchdog:
+    """Stops the server if this process dies without cleanup (SIGKILL, SIGTERM, os._exit).
+
+    A tiny shell waits for EOF on a pipe whose only writer is this process; the kernel closes
+    it however we die, and the shell then stops the server with ``pg_ctl stop -m fast`` and
+    deletes a temporary data directory. Normal shutdown kills the shell first. (PDEATHSIG is no
+    substitute: it fires when the parent *thread* ends, and servers get restarted from worker
+    threads.)
+    """
+
+    _SCRIPT = (
+        'read -r _ignored; "$1" stop -D "$2" -m fast -s >/dev/null 2>&1; '
+        'if [ "$3" = delete ]; then rm -rf -- "$2"; fi'
+    )
+
+    def __init__(
+        self, bin_path: Path, data_dir: Path, *, delete: bool, popen_kwargs: dict[str, Any]
+    ) -> None:
+        read_end, self._write_end = os.pipe()  # not inheritable: exec'd children never get it
+        try:
+            self._proc = subprocess.Popen(  # noqa: S603 - fixed script, paths passed as argv
+                [
+                    *("/bin/sh", "-c", self._SCRIPT, "pgreact-watchdog"),
+                    *(str(bin_path / "pg_ctl"), str(data_dir), "delete" if delete else "keep"),
+                ],
+                stdin=read_end,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                cwd="/",
+                env=_clean_env(),
+                start_new_session=True,  # a Ctrl-C in the terminal is ours to handle, not its
+                **popen_kwargs,
+            )
+        except BaseException:
+            os.close(self._write_end)
+            raise
+        finally:
+            os.close(read_end)
+
+    def disarm(self) -> None:
+        self._proc.kill()
+        self._proc.wait()
+        os.close(self._write_end)
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -510,7 +573,14 @@ def _initdb_template(bin_path: Path, run_as: _RunAs | None, cache_dir: Path) -> 
     final = cache_dir / f"initdb-{_pg_version(bin_path)}"
     if (final / "PG_VERSION").is_file():
         return final
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:  # read-only home (containers): a per-user cache in the temp root instead
+        cache_dir = temp_root() / f"pgreact-cache-{os.geteuid()}"
+        final = cache_dir / final.name
+        if (final / "PG_VERSION").is_file():
+            return final
+        cache_dir.mkdir(mode=0o700, exist_ok=True)
     # initdb works in a fresh temp dir: the service user may not reach the cache (e.g. /root).
     work = Path(tempfile.mkdtemp(prefix="pgreact-initdb-", dir=temp_root()))
     try:
