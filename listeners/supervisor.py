@@ -188,6 +188,10 @@ class Listener:
                 self._failures_logged.clear()
                 self.connection = conn
                 self.connected = True
+                if self._healthy_after <= 0:
+                    # A connection that passed LISTEN and a heartbeat counts as healthy at once:
+                    # its loss starts a fresh, short back-off sequence.
+                    self._backoff.reset()
                 if not started:
                     started = True
                     task_status.started()

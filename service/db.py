@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlalchemy.exc
+from sqlalchemy import event
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from service.settings import Settings
@@ -15,18 +17,30 @@ TRANSIENT_CLASSES = ("08", "53")
 TRANSIENT_CODES = frozenset({"40001", "40P01", "57P01", "57P02", "57P03", "55006"})
 
 
+# Client-side driver states after a connection broke mid-operation (asyncpg reports a query on a
+# connection whose previous operation was cut off as "another operation is in progress").
+CLIENT_CONNECTION_ERRORS = frozenset(
+    {"InternalClientError", "InterfaceError", "ConnectionDoesNotExistError", "ConnectionResetError"}
+)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not s for s in seen):
+        seen.append(current)
+        orig = getattr(current, "orig", None)
+        current = orig if isinstance(orig, BaseException) else current.__cause__
+    return seen
+
+
 def sqlstate_of(exc: BaseException) -> str | None:
     """The SQLSTATE carried by ``exc`` or anything it wraps (SQLAlchemy, asyncpg, psycopg)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in _chain(exc):
         for attr in ("sqlstate", "pgcode"):
             code = getattr(current, attr, None)
             if isinstance(code, str) and len(code) == 5:
                 return code
-        orig = getattr(current, "orig", None)
-        current = orig if isinstance(orig, BaseException) else current.__cause__
     return None
 
 
@@ -37,6 +51,8 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
         return True
     if isinstance(exc, sqlalchemy.exc.TimeoutError):  # waiting for a pooled connection
+        return True
+    if any(type(e).__name__ in CLIENT_CONNECTION_ERRORS for e in _chain(exc)):
         return True
     code = sqlstate_of(exc)
     if code is not None:
@@ -50,6 +66,8 @@ def connection_is_suspect(exc: BaseException) -> bool:
     """After these, the connection's state is unknown: throw it away rather than reuse it."""
     if isinstance(exc, TimeoutError):  # a cancelled query may still be running server-side
         return True
+    if isinstance(exc, sqlalchemy.exc.DBAPIError) and sqlstate_of(exc) is None:
+        return True  # the driver itself is unhappy, not the server: don't reuse it
     return is_transient(exc)
 
 
@@ -88,7 +106,7 @@ def create_write_engine(settings: Settings, *, application_name: str | None = No
             )
         else:
             connect_args["prepare_threshold"] = None
-    return create_async_engine(
+    engine = create_async_engine(
         url,
         pool_size=settings.pool_size,
         max_overflow=settings.max_overflow,
@@ -97,3 +115,16 @@ def create_write_engine(settings: Settings, *, application_name: str | None = No
         pool_pre_ping=settings.pool_pre_ping,
         connect_args=connect_args,
     )
+    event.listen(engine.sync_engine, "handle_error", _recognise_disconnects)
+    return engine
+
+
+def _recognise_disconnects(context: ExceptionContext) -> None:
+    """Tell SQLAlchemy that a connection cut off mid-operation is gone. It then invalidates it
+    and every pooled connection opened before it (a server restart or a mass termination kills
+    them all), instead of handing out one broken connection after another."""
+    original = context.original_exception
+    if original is not None and any(
+        type(e).__name__ in CLIENT_CONNECTION_ERRORS for e in _chain(original)
+    ):
+        context.is_disconnect = True

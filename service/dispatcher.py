@@ -33,6 +33,9 @@ from service.store import Claimed, Store
 
 log = structlog.get_logger("pgreact.dispatcher")
 
+CLAIM_FAILED = -1
+RETRY_MIN, RETRY_MAX = 0.1, 2.0  # seconds between claim attempts while the database is away
+
 
 @dataclass(frozen=True, slots=True)
 class DispatchConfig:
@@ -185,6 +188,7 @@ class Dispatcher:
     async def _drive(self, handler: DurableHandler) -> None:
         limit = handler.max_size if handler.batch else self._config.batch_size
         wakeup = self._wakeups[handler.name]
+        retry_delay = RETRY_MIN
         async with anyio.create_task_group() as units:
             while not self._stopping:
                 await wakeup.wait()
@@ -194,6 +198,14 @@ class Dispatcher:
                         self._slots.release()
                         break
                     claimed: int = await units.start(self._unit, handler, limit)
+                    if claimed == CLAIM_FAILED:
+                        # The database did not answer: try again soon, not at the next sweep, and
+                        # at once if a wake-up says it is back (the listener reconnected).
+                        with anyio.move_on_after(retry_delay):
+                            await wakeup.wait()
+                        retry_delay = min(RETRY_MAX, retry_delay * 2)
+                        continue
+                    retry_delay = RETRY_MIN
                     if claimed < limit:
                         break
 
@@ -207,7 +219,12 @@ class Dispatcher:
         reason: BaseException | str = "interrupted by shutdown before it finished"
         try:
             async with self._engine.connect() as first:
-                claimed = await self._store.claim(first, handler.name, limit, unit.token)
+                try:
+                    claimed = await self._store.claim(first, handler.name, limit, unit.token)
+                except Exception as exc:
+                    if connection_is_suspect(exc):
+                        await first.invalidate()  # never hand a broken connection back
+                    raise
                 unit.open_ids = {c.delivery_id for c in claimed}
                 task_status.started(len(claimed))
                 started = True
@@ -221,7 +238,7 @@ class Dispatcher:
                 self._wakeups[handler.name].ring()  # the next event of a key may be free now
         except Exception as exc:
             if not started:
-                task_status.started(0)
+                task_status.started(CLAIM_FAILED)
             self._log_error("unit_failed", handler.name, exc)
             reason = exc
         finally:

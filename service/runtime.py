@@ -18,7 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import service
-from listeners import backend_for
+from listeners import Backoff, backend_for
 from listeners.protocol import ListenerBackend, ListenerConnection, Notification
 from listeners.supervisor import Listener
 from service import installer
@@ -149,6 +149,10 @@ class Daemon:
             connect_timeout=s.connect_timeout,
             on_connected=on_connected,
             on_disconnected=on_disconnected,
+            # A dropped connection that had worked is retried almost at once; only repeated
+            # failures back off towards the cap (a server in recovery, a network outage).
+            backoff=Backoff(base=0.1, cap=15.0),
+            healthy_after=0.0,
         )
         self._listener = listener
         metrics.listener_connected.set(0)

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from service import installer
 from service.router import Router
 from service.runtime import Daemon
+from service.logging import configure_logging
 from service.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,3 +159,6 @@ def spawn_daemon(env: Mapping[str, str], log_path: Path) -> subprocess.Popen[byt
         stderr=subprocess.STDOUT,
         cwd=ROOT,
     )
+
+# The daemon under test logs like in production, minus the debug chatter.
+configure_logging("console", os.environ.get("PGREACT_TEST_LOG_LEVEL", "WARNING"))
