@@ -1,0 +1,841 @@
+"""``python -m benchmarks.run``: pgreact's end-to-end benchmark (``make bench``).
+
+What it measures (each ``--runs`` times; median and min-max are reported):
+
+1. **Throughput**, for a single-event handler (one INSERT per event through the session) and a
+   batch handler (one executemany per batch), each on asyncpg and psycopg:
+   - *drain*: ``--events`` changes are written by 4 writers (10 rows per INSERT) while no daemon
+     runs; a daemon then starts and the clock runs from "started" until the last event's
+     transaction has committed;
+   - *live*: the daemon runs while 4 writers write ``--live-events`` changes as fast as they can;
+     the clock runs from the first write to the last event handled.
+   Daemon CPU (its own ``getrusage``) and server CPU (all PostgreSQL processes, from /proc) per
+   1000 events, and the daemon's peak RSS, come with each number.
+2. **Latency** commit → handled at a steady ``--latency-rate`` (small autocommit transactions
+   from a few writers), three views: writer-observed commit → handler's COMMIT returned; the
+   source row's ``clock_timestamp()`` → same; pgreact's own ``pgreact_event_lag_seconds``.
+3. **Writer cost** of the capture trigger: pgbench single-row INSERTs with 1/4/16 clients, table
+   without vs with the trigger (one handler subscribed, no daemon running).
+4. **Baseline**: a bare asyncpg loop draining an equivalent plain job table (claim 100 with
+   ``FOR UPDATE SKIP LOCKED``, insert the effects, delete the jobs, commit), per-row INSERTs and
+   executemany, against which the drain numbers are given as per-run-pair ratios.
+
+Every run checks that each change produced exactly one effect (count and distinct) and that the
+queue is empty; any loss or duplicate fails the whole invocation (exit 1) after printing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+import psycopg
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from benchmarks import writers
+from benchmarks.pgbench import run_pgbench
+from benchmarks.report import (
+    Row,
+    Summary,
+    histogram_quantile,
+    percentile,
+    ratios,
+    render_table,
+)
+from benchmarks.server import Server, machine_info, open_server
+from benchmarks.worker import (
+    BaselineJob,
+    BenchFailure,
+    DaemonJob,
+    Handle,
+    Measurement,
+    log_warnings,
+    start,
+    warm_up,
+)
+from benchmarks.workload import (
+    FILL_JOBS_SQL,
+    JOBS_SQL,
+    KINDS,
+    SCHEMA,
+    TABLES_SQL,
+    Kind,
+    make_router,
+)
+from service import installer
+
+DRIVERS = ("asyncpg", "psycopg")
+SECTIONS = ("drain", "live", "latency", "writers")
+
+
+@dataclass(frozen=True)
+class Plan:
+    runs: int = 3
+    events: int = 5_000
+    live_events: int = 2_500
+    writers: int = 4
+    rows_per_statement: int = 10
+    batch_max_size: int = 100
+    baseline_workers: int = 4
+    latency_rate: float = 2500.0
+    # Without an explicit --latency-rate, the rate is capped at half the single handler's drain
+    # rate measured in the same run: above capacity, "latency" only measures a growing backlog.
+    latency_rate_capped: bool = True
+    latency_seconds: float = 10.0
+    latency_warmup: float = 1.0
+    latency_writers: int = 4
+    latency_rows_per_tx: int = 5
+    pgbench_seconds: float = 2.0
+    pgbench_transactions: int | None = None  # total per measurement instead of a duration
+    pgbench_clients: tuple[int, ...] = (1, 4, 16)
+    drivers: tuple[str, ...] = DRIVERS
+    sections: tuple[str, ...] = SECTIONS
+
+
+QUICK = Plan(
+    runs=1,
+    events=300,
+    live_events=300,
+    latency_rate=300.0,
+    latency_seconds=1.5,
+    latency_warmup=0.3,
+    pgbench_transactions=160,
+)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """What a run left behind: every change must have exactly one effect, the queue empty."""
+
+    sources: int
+    effects: int
+    distinct: int
+    lost: int
+    phantom: int
+    leftover: int
+
+    @property
+    def duplicated(self) -> int:
+        return self.effects - self.distinct
+
+    def problems(self, expected: int) -> list[str]:
+        out = []
+        if self.sources != expected:
+            out.append(f"{self.sources} source rows, expected {expected}")
+        if self.lost:
+            out.append(f"{self.lost} changes without an effect (lost)")
+        if self.duplicated:
+            out.append(f"{self.duplicated} duplicated effects")
+        if self.phantom:
+            out.append(f"{self.phantom} effects for rows that do not exist")
+        if self.leftover:
+            out.append(f"{self.leftover} rows left in the queue")
+        return out
+
+
+class Bench:
+    def __init__(self, server: Server, plan: Plan, workdir: Path, profile: Path | None) -> None:
+        self.server = server
+        self.plan = plan
+        self.workdir = workdir
+        self.profile = profile
+        self.rows: dict[str, Row] = {}
+        self.failures: list[str] = []
+        self.notes: list[str] = []
+        self.empty: dict[Kind, str] = {}
+        self.loaded: dict[Kind, str] = {}
+        self.loaded_base = ""
+        self._pgbench_dbs: dict[str, str] = {}
+        self._profilers: list[subprocess.Popen[bytes]] = []
+        self.seconds: dict[str, float] = {}  # wall time spent per section, for tuning sizes
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def row(self, section: str, name: str, **params: Any) -> Row:
+        if name not in self.rows:
+            self.rows[name] = Row(section, name, params)
+        return self.rows[name]
+
+    def sql(self, database: str, statement: str) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.server.url(database), autocommit=True) as conn:
+            cur = conn.execute(statement.encode())
+            return cur.fetchall() if cur.description else []
+
+    def check(self, database: str, name: str, expected: int, leftover_table: str) -> Check:
+        (r,) = self.sql(
+            database,
+            f"""
+            SELECT (SELECT count(*) FROM source),
+                   (SELECT count(*) FROM effects),
+                   (SELECT count(DISTINCT source_id) FROM effects),
+                   (SELECT count(*) FROM source s
+                     WHERE NOT EXISTS (SELECT 1 FROM effects e WHERE e.source_id = s.id)),
+                   (SELECT count(*) FROM effects e
+                     WHERE NOT EXISTS (SELECT 1 FROM source s WHERE s.id = e.source_id)),
+                   (SELECT count(*) FROM {leftover_table})
+            """,
+        )
+        check = Check(*(int(v) for v in r))
+        row = self.rows.get(name)
+        if row is not None:
+            row.lost += check.lost + max(0, expected - check.sources)
+            row.duplicated += check.duplicated
+        if problems := check.problems(expected):
+            message = f"{name}: " + "; ".join(problems)
+            self.failures.append(message)
+            _log(f"!!! EXACTLY-ONCE CHECK FAILED: {message}")
+        return check
+
+    def _log_path(self, name: str) -> str:
+        return str(self.workdir / (name.replace(" ", "_") + ".log"))
+
+    def _start(self, job: DaemonJob | BaselineJob, name: str) -> Handle:
+        handle = start(job)
+        if self.profile is not None and handle.pid is not None:
+            out = self.profile / (name.replace(" ", "_") + ".txt")
+            self._profilers.append(
+                subprocess.Popen(
+                    [
+                        _py_spy(),
+                        *("record", "--pid", str(handle.pid), "--rate", "250"),
+                        *("--format", "raw", "--output", str(out), "--nonblocking"),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+            time.sleep(0.3)  # let py-spy attach before the work starts
+        return handle
+
+    def _finish(self, name: str, job: DaemonJob | BaselineJob) -> None:
+        if (n := log_warnings(job.log_path)) > 0:
+            note = f"{name}: the measured process logged {n} warning(s), see {job.log_path}"
+            if note not in self.notes:
+                self.notes.append(note)
+
+    def _timeout(self, events: int) -> float:
+        return 120.0 + events / 50
+
+    # -- preparation ------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        p = self.plan
+        for kind in KINDS:
+            db = self.server.create_db(f"empty_{kind}")
+            self.sql(db, TABLES_SQL)
+            anyio.run(self._install, db, kind)
+            self.empty[kind] = db
+        if "drain" in p.sections:
+            for kind in KINDS:
+                db = self.server.create_db(f"loaded_{kind}", template=self.empty[kind])
+                result = self._write(db, p.events)
+                self.sql(db, "ANALYZE")
+                self.loaded[kind] = db
+                self.notes.append(
+                    f"preload for {kind}: {p.events} changes by {p.writers} writers, "
+                    f"{p.rows_per_statement} rows per INSERT, capture trigger on: "
+                    f"{result.rate:,.0f} rows/s"
+                )
+                _log(f"prepared {db}: {p.events} changes queued ({result.rate:,.0f} rows/s)")
+            db = self.server.create_db("loaded_base")
+            self.sql(db, TABLES_SQL + JOBS_SQL)
+            self._write(db, p.events)
+            self.sql(db, FILL_JOBS_SQL)
+            self.sql(db, "ANALYZE")
+            self.loaded_base = db
+        if "writers" in p.sections:
+            plain = self.server.create_db("pgbench_plain")
+            self.sql(plain, TABLES_SQL)
+            trig = self.server.create_db("pgbench_trigger", template=self.empty["single"])
+            self._pgbench_dbs = {"plain": plain, "trigger": trig}
+
+    async def _install(self, database: str, kind: Kind) -> None:
+        engine = create_async_engine(self.server.sa_url(database, "asyncpg"))
+        try:
+            await installer.install(engine, make_router(kind, self.plan.batch_max_size), SCHEMA)
+        finally:
+            await engine.dispose()
+
+    def _write(self, database: str, count: int) -> writers.WriteResult:
+        p = self.plan
+        return anyio.run(
+            lambda: writers.burst(
+                self.server.url(database),
+                1,
+                count,
+                writers=p.writers,
+                rows_per_statement=p.rows_per_statement,
+            )
+        )
+
+    def _job(
+        self, name: str, db: str, kind: Kind, driver: str, expect: int, **kw: Any
+    ) -> DaemonJob:
+        return DaemonJob(
+            url=self.server.sa_url(db, driver),
+            kind=kind,
+            expect=expect,
+            log_path=self._log_path(name),
+            server_pid=self.server.postmaster_pid,
+            batch_max_size=self.plan.batch_max_size,
+            **kw,
+        )
+
+    # -- measurements -----------------------------------------------------------------------
+
+    def _throughput(self, row: Row, m: Measurement, events: int, wall: float) -> float:
+        rate = events / wall
+        row.add("events_per_s", rate, "events/s")
+        row.add("daemon_cpu_ms_per_1k", m.cpu_seconds * 1e6 / events, "ms")
+        if m.server_cpu_seconds is not None:
+            row.add("server_cpu_ms_per_1k", m.server_cpu_seconds * 1e6 / events, "ms")
+        row.add("rss_peak_mb", m.rss_peak_mb, "MB")
+        return rate
+
+    def drain(self, run: int, kind: Kind, driver: str) -> None:
+        p = self.plan
+        name = f"drain {kind} {driver}"
+        row = self.row("throughput", name, mode="drain", handler=kind, driver=driver)
+        db = self.server.create_db(f"r{run}_drain_{kind}_{driver}", template=self.loaded[kind])
+        job = self._job(name, db, kind, driver, p.events)
+        m = self._start(job, name).result(self._timeout(p.events))
+        rate = self._throughput(row, m, p.events, m.wall_seconds)
+        self.check(db, name, p.events, f"{SCHEMA}.queue")
+        self._finish(name, job)
+        self.server.drop_db(db)
+        _log(f"  {name}: {rate:,.0f} events/s, {m.cpu_seconds * 1e6 / p.events:,.0f} ms CPU/1k")
+
+    def baseline(self, run: int, per_row: bool) -> None:
+        p = self.plan
+        style = "per-row" if per_row else "executemany"
+        name = f"drain baseline {style}"
+        row = self.row("throughput", name, mode="drain", handler=f"baseline {style}")
+        db = self.server.create_db(f"r{run}_base_{style}", template=self.loaded_base)
+        job = BaselineJob(
+            url=self.server.url(db),
+            expect=p.events,
+            log_path=self._log_path(name),
+            per_row=per_row,
+            server_pid=self.server.postmaster_pid,
+            workers=p.baseline_workers,
+            batch=p.batch_max_size,
+        )
+        m = self._start(job, name).result(self._timeout(p.events))
+        rate = self._throughput(row, m, p.events, m.wall_seconds)
+        self.check(db, name, p.events, "jobs")
+        self._finish(name, job)
+        self.server.drop_db(db)
+        _log(f"  {name}: {rate:,.0f} events/s")
+
+    def live(self, run: int, kind: Kind, driver: str) -> None:
+        p = self.plan
+        name = f"live {kind} {driver}"
+        row = self.row("throughput", name, mode="live", handler=kind, driver=driver)
+        db = self.server.create_db(f"r{run}_live_{kind}_{driver}", template=self.empty[kind])
+        job = self._job(name, db, kind, driver, p.live_events)
+        handle = self._start(job, name)
+        handle.ready()
+        w = self._write(db, p.live_events)
+        m = handle.result(self._timeout(p.live_events))
+        rate = self._throughput(row, m, p.live_events, m.done_at - w.started)
+        row.add("writer_rows_per_s", w.rate, "rows/s")
+        self.check(db, name, p.live_events, f"{SCHEMA}.queue")
+        self._finish(name, job)
+        self.server.drop_db(db)
+        _log(f"  {name}: {rate:,.0f} events/s (writers {w.rate:,.0f} rows/s)")
+
+    def latency_rate(self, run: int) -> float:
+        """The target rate of this run's latency measurement (see ``Plan.latency_rate_capped``)."""
+        p = self.plan
+        if not p.latency_rate_capped:
+            return p.latency_rate
+        drained = [
+            row.metrics["events_per_s"][run]
+            for driver in p.drivers
+            if (row := self.rows.get(f"drain single {driver}")) is not None
+            and len(row.metrics.get("events_per_s", [])) > run
+        ]
+        if not drained:
+            return p.latency_rate
+        cap = max(100.0, math.floor(min(drained) / 2 / 50) * 50)
+        if cap < p.latency_rate:
+            note = (
+                f"latency: the target {p.latency_rate:,.0f} changes/s exceeds half of the "
+                "single handler's measured drain capacity on this machine, so each run used half "
+                "of that run's slowest single-handler drain rate (pass --latency-rate to force "
+                "a rate)"
+            )
+            if note not in self.notes:
+                self.notes.append(note)
+            return cap
+        return p.latency_rate
+
+    def latency(self, run: int, driver: str, rate: float) -> None:
+        p = self.plan
+        kind: Kind = "single"
+        total = writers.paced_total(
+            rate, p.latency_seconds, p.latency_writers, p.latency_rows_per_tx
+        )
+        name = f"latency {driver}"
+        db = self.server.create_db(f"r{run}_latency_{driver}", template=self.empty[kind])
+        out = self.workdir / f"latency_{run}_{driver}.json"
+        job = self._job(name, db, kind, driver, total, latency_out=str(out))
+        handle = self._start(job, name)
+        handle.ready()
+        paced = anyio.run(
+            lambda: writers.paced(
+                self.server.url(db),
+                1,
+                rate=rate,
+                seconds=p.latency_seconds,
+                writers=p.latency_writers,
+                rows_per_tx=p.latency_rows_per_tx,
+            )
+        )
+        m = handle.result(self._timeout(total))
+        handled = dict(orjson.loads(out.read_bytes()))
+        created = dict(
+            self.sql(db, "SELECT id, extract(epoch FROM created_at)::float8 FROM source")
+        )
+        since = paced.write.started + p.latency_warmup
+        views = {
+            "writer-observed commit": [
+                handled[i] - t for i, t in paced.commits if t >= since and i in handled
+            ],
+            "row clock_timestamp()": [
+                handled[i] - created[i]
+                for i, t in paced.commits
+                if t >= since and i in handled and i in created
+            ],
+        }
+        base = {"driver": driver, "handler": kind}
+        for view, samples in views.items():
+            samples.sort()
+            row = self.row("latency", f"latency {driver}: {view} → handled", view=view, **base)
+            for q in (0.50, 0.95, 0.99):
+                row.add(f"p{round(q * 100)}_ms", percentile(samples, q) * 1000, "ms")
+            row.add("max_ms", samples[-1] * 1000 if samples else None, "ms")
+            row.add("target_rows_per_s", rate, "rows/s")
+            row.add("achieved_rows_per_s", paced.write.rate, "rows/s")
+            row.add("samples", len(samples), "events")
+        hist = self.row(
+            "latency", f"latency {driver}: daemon lag histogram", view="histogram", **base
+        )
+        buckets = _since(m, since)
+        for q in (0.50, 0.95, 0.99):
+            value = histogram_quantile(buckets, q)
+            hist.add(f"p{round(q * 100)}_ms", None if math.isnan(value) else value * 1000, "ms")
+        hist.add("target_rows_per_s", rate, "rows/s")
+        hist.add("achieved_rows_per_s", paced.write.rate, "rows/s")
+        hist.add("samples", total, "events")
+        self.check(
+            db, f"latency {driver}: writer-observed commit → handled", total, f"{SCHEMA}.queue"
+        )
+        self._finish(name, job)
+        self.server.drop_db(db)
+        p50 = percentile(views["writer-observed commit"], 0.5) * 1000
+        p99 = percentile(views["writer-observed commit"], 0.99) * 1000
+        _log(
+            f"  {name}: p50 {p50:.1f} ms, p99 {p99:.1f} ms at {paced.write.rate:,.0f} rows/s "
+            f"(writers at most {paced.behind_max * 1000:.0f} ms behind schedule)"
+        )
+
+    def pgbench(self, run: int) -> None:
+        p = self.plan
+        for clients in p.pgbench_clients:
+            name = f"writers {clients} client{'s' if clients > 1 else ''}"
+            row = self.row("writers", name, clients=clients)
+            tps: dict[str, float] = {}
+            order = ("plain", "trigger") if run % 2 == 0 else ("trigger", "plain")
+            for variant in order:
+                db = self._pgbench_dbs[variant]
+                self.sql(db, f"TRUNCATE source{', pgreact.queue' if variant == 'trigger' else ''}")
+                r = run_pgbench(
+                    self.server.bin_path,
+                    self.server.url(db),
+                    clients,
+                    p.pgbench_seconds,
+                    transactions=p.pgbench_transactions,
+                )
+                tps[variant] = r.tps
+                row.add(f"{variant}_tps", r.tps, "tx/s")
+                row.add(f"{variant}_latency_ms", r.latency_ms, "ms")
+            row.add("trigger_vs_plain", tps["trigger"] / tps["plain"], "ratio")
+            _log(
+                f"  {name}: {tps['plain']:,.0f} tx/s plain, {tps['trigger']:,.0f} tx/s with "
+                f"trigger ({tps['trigger'] / tps['plain']:.2f}x)"
+            )
+
+    def _timed(self, section: str, fn: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        started = time.monotonic()
+        try:
+            fn(*args, **kwargs)
+        finally:
+            spent = time.monotonic() - started
+            self.seconds[section] = self.seconds.get(section, 0.0) + spent
+
+    def run_once(self, run: int) -> None:
+        p = self.plan
+        _log(f"run {run + 1}/{p.runs}")
+        if "drain" in p.sections:
+            for driver in p.drivers:
+                for kind in KINDS:
+                    self._timed("drain", self.drain, run, kind, driver)
+            self._timed("baseline", self.baseline, run, per_row=True)
+            self._timed("baseline", self.baseline, run, per_row=False)
+        if "live" in p.sections:
+            for driver in p.drivers:
+                for kind in KINDS:
+                    self._timed("live", self.live, run, kind, driver)
+        if "latency" in p.sections:
+            rate = self.latency_rate(run)
+            for driver in p.drivers:
+                self._timed("latency", self.latency, run, driver, rate)
+        if "writers" in p.sections:
+            self._timed("writers", self.pgbench, run)
+
+    def close(self) -> None:
+        for proc in self._profilers:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    # -- ratios and output ------------------------------------------------------------------
+
+    def add_ratios(self) -> None:
+        """pgreact / baseline per run pair: throughput ratio, and CPU ratio (daemon vs loop)."""
+        for row in self.rows.values():
+            if row.params.get("mode") != "drain" or row.params.get("driver") is None:
+                continue
+            style = "per-row" if row.params["handler"] == "single" else "executemany"
+            base = self.rows.get(f"drain baseline {style}")
+            if base is None:
+                continue
+            row.params["baseline"] = base.name
+            for metric, label in (
+                ("events_per_s", "vs_baseline_throughput"),
+                ("daemon_cpu_ms_per_1k", "vs_baseline_cpu"),
+            ):
+                pairs = ratios(row.metrics.get(metric, []), base.metrics.get(metric, []))
+                for value in pairs:
+                    row.add(label, value, "ratio")
+
+
+def _py_spy() -> str:
+    found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(found).exists():
+        raise SystemExit("--profile needs py-spy: pip install py-spy")
+    return found
+
+
+def _since(m: Measurement, since: float) -> list[tuple[float, float]]:
+    """The daemon's lag histogram without what it counted before ``since`` (the warm-up)."""
+    final = m.lag_buckets or []
+    before = next((b for t, b in m.lag_snapshots if t >= since), None)
+    if before is None or len(before) != len(final):
+        return final
+    return [(le, n - dict(before).get(le, 0.0)) for le, n in final]
+
+
+def _cell(row: Row, metric: str, digits: int = 0, suffix: str = "") -> str:
+    s: Summary | None = row.summary(metric)
+    return "n/a" if s is None else s.fmt(digits) + suffix
+
+
+def _integrity(row: Row) -> str:
+    return "ok" if not (row.lost or row.duplicated) else f"LOST {row.lost} DUP {row.duplicated}"
+
+
+def render(bench: Bench, plan: Plan) -> str:
+    rows = list(bench.rows.values())
+    parts: list[str] = []
+    tp = [r for r in rows if r.section == "throughput"]
+    if tp:
+        parts.append(
+            render_table(
+                f"1. Throughput (drain: {plan.events:,} changes queued while the daemon was "
+                f"stopped; live: {plan.live_events:,} changes written by {plan.writers} writers "
+                "while it runs)",
+                [
+                    "scenario",
+                    "events/s",
+                    "vs baseline",
+                    "daemon CPU ms/1k ev",
+                    "CPU vs baseline",
+                    "server CPU ms/1k ev",
+                    "peak RSS MB",
+                    "exactly-once",
+                ],
+                [
+                    [
+                        r.name,
+                        _cell(r, "events_per_s"),
+                        _cell(r, "vs_baseline_throughput", 2, "x"),
+                        _cell(r, "daemon_cpu_ms_per_1k"),
+                        _cell(r, "vs_baseline_cpu", 2, "x"),
+                        _cell(r, "server_cpu_ms_per_1k"),
+                        _cell(r, "rss_peak_mb"),
+                        _integrity(r),
+                    ]
+                    for r in tp
+                ],
+            )
+        )
+    lat = [r for r in rows if r.section == "latency"]
+    if lat:
+        parts.append(
+            render_table(
+                f"2. Latency commit → handled, ms (single-event handler; a steady rate for "
+                f"{plan.latency_seconds:g} s as {plan.latency_rows_per_tx}-row autocommit INSERTs "
+                f"from {plan.latency_writers} writers; first {plan.latency_warmup:g} s excluded)",
+                [
+                    "view",
+                    "p50",
+                    "p95",
+                    "p99",
+                    "max",
+                    "target rows/s",
+                    "achieved rows/s",
+                    "exactly-once",
+                ],
+                [
+                    [
+                        r.name.removeprefix("latency "),
+                        _cell(r, "p50_ms", 1),
+                        _cell(r, "p95_ms", 1),
+                        _cell(r, "p99_ms", 1),
+                        _cell(r, "max_ms", 1),
+                        _cell(r, "target_rows_per_s"),
+                        _cell(r, "achieved_rows_per_s"),
+                        _integrity(r),
+                    ]
+                    for r in lat
+                ],
+            )
+        )
+    wr = [r for r in rows if r.section == "writers"]
+    if wr:
+        parts.append(
+            render_table(
+                "3. Writer-side single-row autocommit INSERT rate (pgbench -M prepared, "
+                + (
+                    f"{plan.pgbench_transactions} transactions each"
+                    if plan.pgbench_transactions
+                    else f"{plan.pgbench_seconds:g} s each"
+                )
+                + "; no daemon running)",
+                [
+                    "clients",
+                    "no trigger tx/s",
+                    "with capture tx/s",
+                    "with/without",
+                    "latency ms no trigger",
+                    "latency ms with capture",
+                ],
+                [
+                    [
+                        str(r.params["clients"]),
+                        _cell(r, "plain_tps"),
+                        _cell(r, "trigger_tps"),
+                        _cell(r, "trigger_vs_plain", 2, "x"),
+                        _cell(r, "plain_latency_ms", 2),
+                        _cell(r, "trigger_latency_ms", 2),
+                    ]
+                    for r in wr
+                ],
+            )
+        )
+    return "\n\n".join(parts)
+
+
+METHOD = {
+    "runs": "each measurement repeated --runs times; cells show median [min-max]; ratios are "
+    "computed per run pair (run i vs baseline run i), then the median",
+    "drain": "the backlog is queued with no daemon running, cloned into a fresh database per run "
+    "(CREATE DATABASE … TEMPLATE, ANALYZEd); the clock runs from the daemon's 'started' to the "
+    "moment the last expected event's transaction had committed (events_handled_total polled "
+    "every 5 ms, no SQL)",
+    "live": "writers (another process) start when the daemon is ready; the clock runs from the "
+    "first write to the last event handled",
+    "cpu": "daemon CPU: the measured process's own getrusage (user+system) over the same "
+    "interval; server CPU: all PostgreSQL processes (/proc, incl. reaped backends); writers "
+    "and the orchestrator are separate processes and not counted",
+    "rss": "VmHWM of the measured process (forked from a fork server that pre-imported both "
+    "drivers, so the figure includes both)",
+    "latency": "writer-observed commit: time.time() in the writer right after its autocommit "
+    "INSERT returned (slightly after the real commit); row clock_timestamp(): the source row's "
+    "created_at default, taken during the INSERT before the trigger and the commit (so it "
+    "includes the writer's own commit); 'handled' is time.time() in the daemon process when "
+    "SQLAlchemy's after_commit fired for the handler+ack transaction; the daemon histogram is "
+    "pgreact_event_lag_seconds (capturing statement start → commit, bucketed, interpolated)",
+    "baseline": "bare asyncpg: N connections each loop BEGIN; SELECT … ORDER BY id LIMIT 100 "
+    "FOR UPDATE SKIP LOCKED; decode jsonb; INSERT effects (per row, or executemany); DELETE "
+    "claimed; COMMIT",
+    "server": "synchronous_commit and fsync on, default settings otherwise",
+}
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    d = Plan()
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description="pgreact end-to-end benchmark (throughput, latency, writer cost, baseline).",
+    )
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, 1 run (smoke test, <30 s)")
+    ap.add_argument(
+        "--url", help="use this server (libpq or SQLAlchemy URL) instead of starting one"
+    )
+    ap.add_argument("--json", type=Path, help="also write the results to this file")
+    ap.add_argument("--runs", type=int, help=f"repetitions of each measurement ({d.runs})")
+    ap.add_argument("--events", type=int, help=f"drain backlog size ({d.events})")
+    ap.add_argument(
+        "--live-events", type=int, help=f"changes in the live variant ({d.live_events})"
+    )
+    ap.add_argument("--latency-rate", type=float, help=f"changes/s ({d.latency_rate:g})")
+    ap.add_argument("--latency-seconds", type=float, help=f"({d.latency_seconds:g})")
+    ap.add_argument(
+        "--pgbench-seconds", type=float, help=f"per pgbench run ({d.pgbench_seconds:g})"
+    )
+    ap.add_argument("--batch-max-size", type=int, help=f"on_batch max_size ({d.batch_max_size})")
+    ap.add_argument("--baseline-workers", type=int, help=f"({d.baseline_workers})")
+    ap.add_argument("--drivers", help="comma-separated subset of asyncpg,psycopg")
+    ap.add_argument(
+        "--sections", help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)"
+    )
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="record each measured process with py-spy (collapsed stacks) into DIR; the "
+        "numbers of a profiled run are perturbed",
+    )
+    ap.add_argument("--logs", type=Path, metavar="DIR", help="keep the measured processes' logs")
+    return ap.parse_args(argv)
+
+
+def _plan(args: argparse.Namespace) -> Plan:
+    plan = QUICK if args.quick else Plan()
+    changes: dict[str, Any] = {}
+    for field in (
+        "runs",
+        "events",
+        "live_events",
+        "latency_rate",
+        "latency_seconds",
+        "pgbench_seconds",
+        "batch_max_size",
+        "baseline_workers",
+    ):
+        value = getattr(args, field)
+        if value is not None:
+            if value <= 0:
+                raise SystemExit(f"--{field.replace('_', '-')} must be positive")
+            changes[field] = value
+    for field, allowed in (("drivers", DRIVERS), ("sections", SECTIONS)):
+        value = getattr(args, field)
+        if value:
+            chosen = tuple(v.strip() for v in value.split(",") if v.strip())
+            bad = [v for v in chosen if v not in allowed]
+            if bad or not chosen:
+                raise SystemExit(f"--{field}: unknown {bad}; choose from {','.join(allowed)}")
+            changes[field] = chosen
+    if args.latency_rate is not None:
+        changes["latency_rate_capped"] = False
+    return dataclasses.replace(plan, **changes)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    plan = _plan(args)
+    started = time.monotonic()
+    workdir = args.logs or Path(tempfile.mkdtemp(prefix="pgreact-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        _py_spy()
+        args.profile.mkdir(parents=True, exist_ok=True)
+    warm_up()  # the fork server imports while the PostgreSQL server starts
+    with open_server(args.url) as server:
+        info = machine_info(server)
+        header = ["pgreact benchmark", "=" * 17]
+        header += [f"{k:>22}: {v}" for k, v in info.items()]
+        header.append(f"{'command':>22}: python -m benchmarks.run {' '.join(sys.argv[1:])}")
+        print("\n".join(header), flush=True)
+        bench = Bench(server, plan, workdir, args.profile)
+        try:
+            bench._timed("prepare", bench.prepare)
+            for run in range(plan.runs):
+                bench.run_once(run)
+        except BenchFailure as exc:
+            bench.failures.append(str(exc))
+            _log(f"!!! {exc}")
+        finally:
+            bench.close()
+            if server.postmaster_pid is None:  # someone else's server: leave it tidy
+                server.drop_all()
+    bench.add_ratios()
+    if importlib.util.find_spec("pgqueuer") is None:
+        bench.notes.append("PgQueuer baseline skipped: pgqueuer is not installed")
+    else:
+        bench.notes.append("PgQueuer is importable but its baseline is not implemented here")
+    elapsed = time.monotonic() - started
+    load = os.getloadavg()
+    bench.notes.append(
+        f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+        f"(a shared machine: compare with the start; other tenants' CPU use shifts every number)"
+    )
+    print()
+    print(render(bench, plan))
+    print()
+    print("Method:")
+    for key, text in METHOD.items():
+        print(f"  - {key}: {text}")
+    for note in bench.notes:
+        print(f"  - note: {note}")
+    spent = ", ".join(f"{k} {v:.0f} s" for k, v in bench.seconds.items())
+    print(f"\ntotal time {elapsed:.0f} s ({spent})")
+    ok = not bench.failures
+    if args.json:
+        payload = {
+            "ok": ok,
+            "failures": bench.failures,
+            "machine": info,
+            "plan": dataclasses.asdict(plan),
+            "method": METHOD,
+            "notes": bench.notes,
+            "elapsed_seconds": elapsed,
+            "rows": [r.to_json() for r in bench.rows.values()],
+        }
+        args.json.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    if not ok:
+        print("\nFAILED:", file=sys.stderr)
+        for failure in bench.failures:
+            print(f"  {failure}", file=sys.stderr)
+        print(f"logs kept in {workdir}", file=sys.stderr)
+        return 1
+    if args.logs is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

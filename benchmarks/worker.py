@@ -1,0 +1,417 @@
+"""The measured process: a pgreact daemon (in process, as ``pgreact run`` would build it) or the
+bare asyncpg baseline loop.
+
+Each measurement runs in a fresh process forked from a fork server that has already imported
+everything (:func:`start`), so import time is never measured and every process starts with the
+same memory. The process measures itself — wall time, its own CPU (``getrusage``), the server's
+CPU, its peak RSS — between "started" and "every expected event handled", and reports over a
+pipe: ``("ready", t)`` once it can take work, then ``("result", Measurement)`` or
+``("error", traceback)``. Writers never run here, so their CPU is not counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import multiprocessing
+import os
+import resource
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncpg
+import orjson
+
+from benchmarks.server import server_cpu_seconds
+from benchmarks.workload import HANDLER_NAMES, Kind, clock, make_router
+from service.logging import configure_logging
+from service.metrics import Metrics
+from service.runtime import Daemon
+from service.settings import load_settings
+
+# Modules the daemon imports lazily: the fork server imports them up front, so nothing is
+# imported inside a measurement (both drivers, so every measured process starts alike).
+PRELOAD = (
+    "hypercorn.asyncio",
+    "hypercorn.config",
+    "listeners.asyncpg_backend",
+    "listeners.psycopg_backend",
+    "sqlalchemy.dialects.postgresql.asyncpg",
+    "sqlalchemy.dialects.postgresql.psycopg",
+)
+for _module in PRELOAD:
+    importlib.import_module(_module)
+
+CHECK_SECONDS = 0.25  # how often the measured process looks for failures and stalls
+
+
+class BenchFailure(RuntimeError):
+    """A measurement went wrong (lost work, handler failures, a stall): the run must fail."""
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonJob:
+    url: str  # SQLAlchemy URL; its driver is the write driver and the listener driver
+    kind: Kind
+    expect: int
+    log_path: str
+    server_pid: int | None = None
+    batch_max_size: int = 100
+    latency_out: str | None = None  # where to write (source id, commit time) pairs
+    stall_timeout: float = 60.0
+    overrides: dict[str, Any] = field(default_factory=dict)  # extra pgreact settings
+
+
+@dataclass(frozen=True, slots=True)
+class BaselineJob:
+    url: str  # libpq URL
+    expect: int
+    log_path: str
+    per_row: bool  # one INSERT round trip per effect, else one executemany per batch
+    server_pid: int | None = None
+    workers: int = 4
+    batch: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    handled: int
+    started_at: float  # time.time() when the process could take work
+    done_at: float  # time.time() when the last expected event's transaction had committed
+    cpu_seconds: float  # this process, user + system, started → done
+    server_cpu_seconds: float | None  # every server process, started → done
+    rss_peak_mb: float
+    lag_buckets: list[tuple[float, float]] | None = None  # pgreact_event_lag_seconds (le, n)
+    # (time.time(), buckets) taken every LAG_SNAPSHOT_SECONDS, to cut a warm-up off later
+    lag_snapshots: list[tuple[float, list[tuple[float, float]]]] = field(default_factory=list)
+
+    @property
+    def wall_seconds(self) -> float:
+        return self.done_at - self.started_at
+
+
+@dataclass(frozen=True, slots=True)
+class _Mark:
+    wall: float
+    cpu: float
+    server_cpu: float | None
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _mark_start(server_pid: int | None) -> _Mark:
+    server = server_cpu_seconds(server_pid)  # before our own CPU mark: the scan is not counted
+    return _Mark(time.time(), _cpu(), server)
+
+
+def _mark_end(server_pid: int | None) -> _Mark:
+    wall, cpu = time.time(), _cpu()
+    return _Mark(wall, cpu, server_cpu_seconds(server_pid))
+
+
+def _peak_rss_mb() -> float:
+    """VmHWM: the high-water resident set of this process (shared pages included)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _measurement(
+    handled: int,
+    start: _Mark,
+    end: _Mark,
+    lag: list[tuple[float, float]] | None = None,
+    snapshots: list[tuple[float, list[tuple[float, float]]]] | None = None,
+) -> Measurement:
+    server = None
+    if start.server_cpu is not None and end.server_cpu is not None:
+        server = end.server_cpu - start.server_cpu
+    return Measurement(
+        handled=handled,
+        started_at=start.wall,
+        done_at=end.wall,
+        cpu_seconds=end.cpu - start.cpu,
+        server_cpu_seconds=server,
+        rss_peak_mb=_peak_rss_mb(),
+        lag_buckets=lag,
+        lag_snapshots=snapshots or [],
+    )
+
+
+# -- pgreact ----------------------------------------------------------------------------------
+
+
+def _outcomes(metrics: Metrics, handler: str) -> dict[str, float]:
+    counts: dict[str, float] = {}
+    for family in metrics.events_handled.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.labels.get("handler") == handler:
+                counts[sample.labels["outcome"]] = sample.value
+    return counts
+
+
+def _lag_buckets(metrics: Metrics, handler: str) -> list[tuple[float, float]]:
+    buckets: list[tuple[float, float]] = []
+    for family in metrics.event_lag.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_bucket") and sample.labels.get("handler") == handler:
+                buckets.append((float(sample.labels["le"]), sample.value))
+    return sorted(buckets)
+
+
+async def _run_daemon(job: DaemonJob, send: Callable[[tuple[str, Any]], None]) -> Measurement:
+    configure_logging("json", "WARNING")
+    done = anyio.Event()
+    clock.arm(job.expect, done.set, record=job.latency_out is not None)
+    settings = load_settings(
+        None,
+        environ={},
+        database_url=job.url,
+        http_host="127.0.0.1",
+        http_port=0,
+        log_level="WARNING",
+        application_name="pgreact-bench",
+        **job.overrides,
+    )
+    daemon = Daemon(settings, make_router(job.kind, job.batch_max_size))
+    handler = HANDLER_NAMES[job.kind]
+    async with anyio.create_task_group() as tg:
+        await tg.start(daemon.run)
+        start = _mark_start(job.server_pid)
+        send(("ready", start.wall))
+        last, last_change = 0, time.monotonic()
+        snapshots: list[tuple[float, list[tuple[float, float]]]] = []
+        while not done.is_set():
+            # Completion is signalled by the commit hook; this loop only watches for trouble
+            # (and, for the latency run, snapshots the daemon's lag histogram).
+            with anyio.move_on_after(CHECK_SECONDS):
+                await done.wait()
+            if done.is_set():
+                break
+            if job.latency_out:
+                snapshots.append((time.time(), _lag_buckets(daemon.metrics, handler)))
+            counts = _outcomes(daemon.metrics, handler)
+            failed = counts.get("retry", 0.0) + counts.get("dead", 0.0)
+            if failed:
+                raise BenchFailure(
+                    f"{failed:.0f} handler calls failed (see the daemon log {job.log_path})"
+                )
+            now = time.monotonic()
+            if clock.handled != last:
+                last, last_change = clock.handled, now
+            elif now - last_change > job.stall_timeout:
+                raise BenchFailure(
+                    f"no progress for {job.stall_timeout:g} s: {clock.handled} of {job.expect} "
+                    f"events handled (see the daemon log {job.log_path})"
+                )
+        end = _mark_end(job.server_pid)
+        done_at = clock.done_at or end.wall
+        end = dataclasses.replace(end, wall=done_at)
+        daemon.stop()
+    # The daemon's own counter must agree once it has stopped (it counts after the commit).
+    ok = _outcomes(daemon.metrics, handler).get("ok", 0.0)
+    if ok != clock.handled:
+        raise BenchFailure(
+            f"pgreact counted {ok:.0f} events handled, the commit hook {clock.handled}"
+        )
+    return _measurement(clock.handled, start, end, _lag_buckets(daemon.metrics, handler), snapshots)
+
+
+# -- the bare asyncpg baseline ----------------------------------------------------------------
+
+BASE_CLAIM = "SELECT id, payload::text FROM jobs ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED"
+BASE_EFFECT = "INSERT INTO effects (source_id, event_id, account) VALUES ($1, $2, $3)"
+BASE_DELETE = "DELETE FROM jobs WHERE id = ANY($1::bigint[])"
+
+
+async def _run_baseline(job: BaselineJob, send: Callable[[tuple[str, Any]], None]) -> Measurement:
+    """Claim up to ``batch`` jobs with SKIP LOCKED, write each effect, delete the jobs, commit —
+    on ``workers`` connections until the table is empty. Connecting is inside the timing, as the
+    daemon's pool connects inside its."""
+    handled = 0
+
+    async def work() -> None:
+        nonlocal handled
+        conn = await asyncpg.connect(
+            job.url, server_settings={"application_name": "pgreact-bench-baseline"}
+        )
+        try:
+            while True:
+                async with conn.transaction():
+                    rows = await conn.fetch(BASE_CLAIM, job.batch)
+                    if not rows:  # the rest (if any) is locked by other workers: they finish it
+                        return
+                    effects = []
+                    for job_id, payload in rows:
+                        image = orjson.loads(payload)
+                        effects.append((image["id"], job_id, image["account"]))
+                    if job.per_row:
+                        for effect in effects:
+                            await conn.execute(BASE_EFFECT, *effect)
+                    else:
+                        await conn.executemany(BASE_EFFECT, effects)
+                    await conn.execute(BASE_DELETE, [r[0] for r in rows])
+                handled += len(rows)
+        finally:
+            await conn.close()
+
+    start = _mark_start(job.server_pid)
+    send(("ready", start.wall))
+    async with anyio.create_task_group() as tg:
+        for _ in range(job.workers):
+            tg.start_soon(work)
+    end = _mark_end(job.server_pid)
+    if handled != job.expect:
+        raise BenchFailure(f"baseline handled {handled} jobs, expected {job.expect}")
+    return _measurement(handled, start, end)
+
+
+# -- process plumbing -------------------------------------------------------------------------
+
+
+def _loop_options() -> dict[str, Any]:
+    """As ``pgreact run``: uvloop when installed."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}
+
+
+def child_main(job: DaemonJob | BaselineJob, conn: Connection) -> None:
+    """Entry point of the measured process."""
+    with open(job.log_path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+    try:
+        if isinstance(job, DaemonJob):
+            result = anyio.run(
+                _run_daemon, job, conn.send, backend="asyncio", backend_options=_loop_options()
+            )
+            if job.latency_out:
+                Path(job.latency_out).write_bytes(orjson.dumps(clock.samples))
+        else:
+            result = anyio.run(
+                _run_baseline, job, conn.send, backend="asyncio", backend_options=_loop_options()
+            )
+        conn.send(("result", result))
+    except BaseException as exc:
+        conn.send(("error", "".join(traceback.format_exception(exc))))
+        raise SystemExit(1) from None
+    finally:
+        conn.close()
+
+
+class Handle:
+    """The orchestrator's view of one measured process."""
+
+    def __init__(self, process: multiprocessing.process.BaseProcess, conn: Connection, log: str):
+        self.process = process
+        self._conn = conn
+        self._log = log
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    def _receive(self, want: str, timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._conn.poll(0.05):
+                try:
+                    kind, value = self._conn.recv()
+                except EOFError:  # the process died: fall through to the liveness check
+                    self.process.join(5)
+                    raise BenchFailure(
+                        f"measured process exited with code {self.process.exitcode} before "
+                        f"sending {want!r}{self._log_tail()}"
+                    ) from None
+                if kind == "error":
+                    self._reap()
+                    raise BenchFailure(f"measured process failed:\n{value}{self._log_tail()}")
+                if kind == want:
+                    return value
+                continue
+            if not self.process.is_alive() and not self._conn.poll(0):
+                raise BenchFailure(
+                    f"measured process exited with code {self.process.exitcode} before "
+                    f"sending {want!r}{self._log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                self.kill()
+                raise BenchFailure(f"no {want!r} within {timeout:g} s{self._log_tail()}")
+
+    def ready(self, timeout: float = 60.0) -> float:
+        return float(self._receive("ready", timeout))
+
+    def result(self, timeout: float) -> Measurement:
+        value: Measurement = self._receive("result", timeout)
+        self._reap()
+        return value
+
+    def _reap(self) -> None:
+        self.process.join(30)
+        if self.process.is_alive():
+            self.kill()
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(10)
+
+    def _log_tail(self, lines: int = 30) -> str:
+        try:
+            text = Path(self._log).read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return ""
+        return f"\nlast lines of {self._log}:\n" + "\n".join(text) if text else ""
+
+
+_CONTEXT: Any = None
+
+
+def warm_up() -> Any:
+    """Start the fork server now (it imports in the background while the caller goes on)."""
+    global _CONTEXT  # noqa: PLW0603 - one fork server per orchestrator
+    if _CONTEXT is None:
+        _CONTEXT = multiprocessing.get_context("forkserver")
+        _CONTEXT.set_forkserver_preload(["benchmarks.worker"])
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+    return _CONTEXT
+
+
+def start(job: DaemonJob | BaselineJob) -> Handle:
+    """Fork a measured process from the pre-imported fork server."""
+    context = warm_up()
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=child_main, args=(job, sender), name="pgreact-bench")
+    process.start()
+    sender.close()
+    return Handle(process, receiver, job.log_path)
+
+
+def log_warnings(path: str) -> int:
+    """How many warning/error lines the measured process logged."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return 0
+    return sum(
+        1
+        for line in data.splitlines()
+        if b'"level":"warning"' in line or b'"level":"error"' in line or b"Traceback" in line
+    )
