@@ -34,7 +34,7 @@ from service.store import Claimed, Store
 log = structlog.get_logger("pgreact.dispatcher")
 
 CLAIM_FAILED = -1
-RETRY_MIN, RETRY_MAX = 0.1, 2.0  # seconds between claim attempts while the database is away
+RETRY_MIN, RETRY_MAX = 0.1, 1.0  # seconds between claim attempts while the database is away
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +151,7 @@ class Dispatcher:
         self._token_base = store.owner << 32
         self._token_seq = 0
         self._stopping = False
+        self._retry_due: dict[str, float] = {}
         self._last_error_log: dict[str, float] = {}
 
     # -- control --------------------------------------------------------------------------
@@ -183,6 +184,23 @@ class Dispatcher:
                 tg.start_soon(self._drive, handler, name=f"drive:{handler.name}")
             task_status.started()
 
+    def _retry_at(self, handler: str, delay: float) -> None:
+        """Wake ``handler`` when a retry falls due, instead of waiting for the next sweep."""
+        due = time.monotonic() + delay
+        current = self._retry_due.get(handler)
+        if current is None or due < current:
+            self._retry_due[handler] = due
+
+    async def _wait_for_work(self, handler: str, wakeup: Wakeup) -> None:
+        due = self._retry_due.get(handler)
+        if due is None:
+            await wakeup.wait()
+            return
+        with anyio.move_on_after(max(0.0, due - time.monotonic()) + 0.01):
+            await wakeup.wait()
+        if time.monotonic() >= due:
+            self._retry_due.pop(handler, None)
+
     # -- per handler ----------------------------------------------------------------------
 
     async def _drive(self, handler: DurableHandler) -> None:
@@ -191,7 +209,7 @@ class Dispatcher:
         retry_delay = RETRY_MIN
         async with anyio.create_task_group() as units:
             while not self._stopping:
-                await wakeup.wait()
+                await self._wait_for_work(handler.name, wakeup)
                 while not self._stopping:
                     await self._slots.acquire()
                     if self._stopping:
@@ -349,11 +367,14 @@ class Dispatcher:
         event = item.event
         message = _describe(error, self._config.handler_timeout)
         db = await conn.get()
-        dead = await self._store.fail(db, item.delivery_id, unit.token, message)
+        result = await self._store.fail(db, item.delivery_id, unit.token, message)
         unit.open_ids.discard(item.delivery_id)
-        if dead is None:
+        if result is None:
             self._metrics.lease_conflicts.labels(handler.name).inc()
             return
+        dead, retry_in = result
+        if not dead:
+            self._retry_at(handler.name, retry_in)
         outcome = "dead" if dead else "retry"
         self._metrics.events_handled.labels(handler.name, outcome).inc()
         logger = log.error if dead else log.warning
@@ -380,6 +401,7 @@ class Dispatcher:
         db = await conn.get()
         await self._store.fail_transient(db, ids, unit.token, _describe(error, 0))
         unit.open_ids.difference_update(ids)
+        self._retry_at(handler.name, self._store.retry_base)
 
     async def _give_back(self, unit: _Unit, error: BaseException | str) -> None:
         """After an unexpected failure, return what the unit still holds (best effort: if the

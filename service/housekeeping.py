@@ -49,6 +49,12 @@ class Housekeeper:
         self._last_notification = time.monotonic()
         self._failures_logged_at = -1e9
         self.database_ok = False
+        self._reap_requested = False
+
+    def reap_soon(self) -> None:
+        """Reap at the next tick: e.g. the database is back after a restart, and claims this
+        process could not give back while it was down are waiting."""
+        self._reap_requested = True
 
     def notified(self) -> None:
         """A wake-up notification arrived: the next sweep can wait."""
@@ -61,7 +67,8 @@ class Housekeeper:
             if now - self._last_notification >= self._sweep_interval:
                 self._last_notification = now
                 self._wake_all()
-            if now >= next_reap:
+            if now >= next_reap or self._reap_requested:
+                self._reap_requested = False
                 next_reap = now + self._reap_interval
                 await self._guarded(self.reap)
             if now >= next_stats:

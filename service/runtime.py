@@ -133,6 +133,7 @@ class Daemon:
                 metrics.listener_reconnects.inc()
             metrics.listener_connected.set(1)
             dispatcher.wake()  # catch up on whatever was committed while we were away
+            housekeeper.reap_soon()  # and take back claims we could not return while away
 
         def on_disconnected() -> None:
             metrics.listener_connected.set(0)
@@ -150,8 +151,9 @@ class Daemon:
             on_connected=on_connected,
             on_disconnected=on_disconnected,
             # A dropped connection that had worked is retried almost at once; only repeated
-            # failures back off towards the cap (a server in recovery, a network outage).
-            backoff=Backoff(base=0.1, cap=15.0),
+            # failures back off, to one attempt a second (a server in recovery, an outage): handling
+            # resumes within about a second of the server accepting connections again.
+            backoff=Backoff(base=0.1, cap=1.0),
             healthy_after=0.0,
         )
         self._listener = listener

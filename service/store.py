@@ -133,7 +133,7 @@ class Store:
                 dead_at = CASE WHEN attempts >= :max THEN now() END,
                 run_at = CASE WHEN attempts >= :max THEN run_at ELSE {backoff} END
             WHERE id = :id AND claim_token = :token
-            RETURNING dead_at IS NOT NULL
+            RETURNING dead_at IS NOT NULL, extract(epoch FROM run_at - now())
         """)
         # A transient failure (connection lost, serialization failure, …) is not the event's
         # fault: the attempt is given back and the retry comes soon.
@@ -229,8 +229,9 @@ class Store:
 
     async def fail(
         self, conn: AsyncConnection, delivery_id: int, token: int, error: str
-    ) -> bool | None:
-        """Record a failed attempt and commit. True: dead-lettered; None: no longer ours."""
+    ) -> tuple[bool, float] | None:
+        """Record a failed attempt and commit: (dead-lettered?, seconds until the retry), or
+        None when the delivery is no longer ours."""
         result = await conn.execute(
             self._fail,
             {
@@ -244,7 +245,7 @@ class Store:
         )
         row = result.first()
         await conn.commit()
-        return None if row is None else bool(row[0])
+        return None if row is None else (bool(row[0]), max(0.0, float(row[1] or 0)))
 
     async def fail_transient(
         self, conn: AsyncConnection, ids: Sequence[int], token: int, error: str
