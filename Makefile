@@ -1,5 +1,5 @@
 # Thin wrappers: the real entry points are `python3 scripts/dev.py demo|test`.
-.PHONY: demo test bench lint
+.PHONY: demo test bench lint chaos
 demo:
 	python3 scripts/dev.py demo
 test:
@@ -8,3 +8,5 @@ bench:
 	.venv/bin/python -m benchmarks.run
 lint:
 	.venv/bin/ruff check service listeners tests benchmarks scripts && .venv/bin/mypy
+chaos:
+	.venv/bin/python scripts/chaos.py

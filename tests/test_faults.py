@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service import Event, Router
 from tests.conftest import TestServer, create_database, to_sa_url
 from tests.faults.proxy import TcpProxy
-from tests.faults.workload import Verdict, Workload, recovery_time, verdict
+from tests.faults.workload import Verdict, Workload, recovery_time, report, verdict
 from tests.support import create_tables, install, make_settings, running, sql, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -114,7 +114,11 @@ async def test_backends_killed_while_changes_flow(
                 await anyio.sleep(1.0)  # ~every 500 changes
                 kills += _terminate(dsn, target)
         recovery = await recovery_time(dsn, "single")
-        assert_clean(await drained(dsn))
+        verdicts = await drained(dsn)
+    report(
+        f"kill {'listener' if 'listener' in target else 'all backends'}", driver, verdicts, recovery
+    )
+    assert_clean(verdicts)
     assert kills >= 3
     assert recovery < bound, recovery
 
@@ -134,7 +138,9 @@ async def test_server_restart_mid_stream(
             await anyio.sleep(2 * SCALE)
             await anyio.to_thread.run_sync(lambda: private_pg_server.restart(mode=mode))
             recovery = await recovery_time(dsn, "single")
-        assert_clean(await drained(dsn))
+        verdicts = await drained(dsn)
+    report(f"server restart ({mode})", driver, verdicts, recovery)
+    assert_clean(verdicts)
     assert workload.errors > 0  # the fault was real
     # The probe queues behind the backlog that built up during the restart (capture order), so
     # this bound includes draining it on a shared 2-core machine; `make chaos` reports figures.
@@ -200,7 +206,10 @@ async def test_write_pool_stall_never_duplicates(pg_server: TestServer, driver: 
                 await anyio.sleep(5 * SCALE)
                 proxy.cut()
                 proxy.resume()
-            assert_clean(await drained(dsn, timeout=90))
+            recovery = await recovery_time(dsn, "single", timeout=60)
+            verdicts = await drained(dsn, timeout=90)
+        report("write pool stalled", driver, verdicts, recovery)
+        assert_clean(verdicts)
     finally:
         await proxy.close()
 
@@ -214,7 +223,9 @@ async def test_three_daemons_racing(pg_server: TestServer, driver: str) -> None:
     settings = make_settings(sa_url, batch_size=10, concurrency=4)
     async with running(settings, router), running(settings, router), running(settings, router):
         await workload.run(5 * SCALE)
-        assert_clean(await drained(dsn))
+        verdicts = await drained(dsn)
+    report("three daemons racing", driver, verdicts, None)
+    assert_clean(verdicts)
 
 
 # -- 13: transient errors don't spend attempts -----------------------------------------------

@@ -7,6 +7,9 @@ commits during the fault — and each key's effects must carry v = 0, 1, 2, … 
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -114,6 +117,17 @@ def verdict(dsn: str, handler: str) -> Verdict:
     )
     effects, lost, dups, disorder, dead = (int(x) for x in row)
     return Verdict(handler, changes, effects, lost, dups, disorder, dead)
+
+
+def report(case: str, driver: str, verdicts: list[Verdict], recovery: float | None) -> None:
+    """Append one line per handler to $PGREACT_CHAOS_REPORT (JSON lines) for the soak table."""
+    path = os.environ.get("PGREACT_CHAOS_REPORT")
+    if not path:
+        return
+    with open(path, "a", encoding="utf-8") as out:
+        for v in verdicts:
+            row = {"case": case, "driver": driver, **dataclasses.asdict(v), "recovery": recovery}
+            out.write(json.dumps(row) + "\n")
 
 
 async def recovery_time(dsn: str, handler: str, timeout: float = 30.0) -> float:
