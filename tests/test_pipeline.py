@@ -341,3 +341,28 @@ async def test_a_handler_that_commits_fails_loudly_and_nothing_is_doubled(
     assert effect_counts(pg_dsn) == (0, 0)
     (error,) = sql(pg_dsn, "SELECT last_error FROM pgreact.queue")[0]
     assert "must not call session.commit()" in error
+
+
+async def test_copy_rows_commits_with_the_batch(pg_dsn: str, sa_url: str) -> None:
+    from service.copy import copy_rows
+
+    create_tables(pg_dsn)
+    router = Router()
+    fail_once = {"77"}
+
+    @router.on_batch("source", name="copier", max_size=200)
+    async def copier(events: Sequence[Event], session: AsyncSession) -> None:
+        rows = [("copier", e.id, e.key, e.op, (e.new or {}).get("v"), e.attempt) for e in events]
+        await copy_rows(
+            session, "public.effects", ["handler", "event_id", "k", "op", "v", "attempt"], rows
+        )
+        if any(e.key in fail_once for e in events):
+            fail_once.clear()
+            raise RuntimeError("after the COPY: it must roll back with the batch")
+
+    await install(sa_url, router)
+    async with running(make_settings(sa_url), router):
+        sql(pg_dsn, "INSERT INTO source SELECT g, g FROM generate_series(1, 500) g")
+        await wait_until(lambda: effect_counts(pg_dsn)[0] >= 500, message="copied")
+        await wait_until(lambda: queue_state(pg_dsn)["live"] == 0, message="acked")
+    assert effect_counts(pg_dsn) == (500, 500)
