@@ -57,7 +57,7 @@ from benchmarks.report import (
     ratios,
     render_table,
 )
-from benchmarks.server import Server, machine_info, open_server
+from benchmarks.server import Server, cpu_stall_us, machine_info, open_server
 from benchmarks.worker import (
     BaselineJob,
     BenchFailure,
@@ -80,6 +80,9 @@ from benchmarks.workload import (
 from service import installer
 
 DRIVERS = ("asyncpg", "psycopg")
+# Without --latency-rate, latency is measured at no more than this share of the single
+# handler's drain rate: small transactions cost the daemon far more per event than a backlog.
+LATENCY_SHARE = 0.25
 SECTIONS = ("drain", "live", "latency", "writers")
 
 
@@ -93,8 +96,8 @@ class Plan:
     batch_max_size: int = 100
     baseline_workers: int = 4
     latency_rate: float = 2500.0
-    # Without an explicit --latency-rate, the rate is capped at half the single handler's drain
-    # rate measured in the same run: above capacity, "latency" only measures a growing backlog.
+    # Without an explicit --latency-rate, the rate is capped at LATENCY_SHARE of the single
+    # handler's median drain rate: near capacity, "latency" only measures a growing backlog.
     latency_rate_capped: bool = True
     latency_seconds: float = 10.0
     latency_warmup: float = 1.0
@@ -309,6 +312,7 @@ class Bench:
         if m.server_cpu_seconds is not None:
             row.add("server_cpu_ms_per_1k", m.server_cpu_seconds * 1e6 / events, "ms")
         row.add("rss_peak_mb", m.rss_peak_mb, "MB")
+        _pressure(row, m.cpu_pressure)
         return rate
 
     def drain(self, run: int, kind: Kind, driver: str) -> None:
@@ -363,31 +367,30 @@ class Bench:
         self.server.drop_db(db)
         _log(f"  {name}: {rate:,.0f} events/s (writers {w.rate:,.0f} rows/s)")
 
-    def latency_rate(self, run: int) -> float:
-        """The target rate of this run's latency measurement (see ``Plan.latency_rate_capped``)."""
+    def latency_rate(self) -> float:
+        """The target rate of the latency measurement (see ``Plan.latency_rate_capped``)."""
         p = self.plan
         if not p.latency_rate_capped:
             return p.latency_rate
         drained = [
-            row.metrics["events_per_s"][run]
+            Summary.of(row.metrics["events_per_s"]).median
             for driver in p.drivers
             if (row := self.rows.get(f"drain single {driver}")) is not None
-            and len(row.metrics.get("events_per_s", [])) > run
+            and row.metrics.get("events_per_s")
         ]
         if not drained:
             return p.latency_rate
-        cap = max(100.0, math.floor(min(drained) / 2 / 50) * 50)
-        if cap < p.latency_rate:
-            note = (
-                f"latency: the target {p.latency_rate:,.0f} changes/s exceeds half of the "
-                "single handler's measured drain capacity on this machine, so each run used half "
-                "of that run's slowest single-handler drain rate (pass --latency-rate to force "
-                "a rate)"
-            )
-            if note not in self.notes:
-                self.notes.append(note)
-            return cap
-        return p.latency_rate
+        cap = max(50.0, math.floor(min(drained) * LATENCY_SHARE / 50) * 50)
+        if cap >= p.latency_rate:
+            return p.latency_rate
+        self.notes.append(
+            f"latency: the target {p.latency_rate:,.0f} changes/s is more than "
+            f"{LATENCY_SHARE:.0%} of the single handler's median drain rate on this machine "
+            f"({min(drained):,.0f}/s, slowest driver), so the latency runs used {cap:,.0f}/s: "
+            "near capacity, percentiles only measure a growing backlog (--latency-rate forces "
+            "a rate)"
+        )
+        return cap
 
     def latency(self, run: int, driver: str, rate: float) -> None:
         p = self.plan
@@ -417,26 +420,21 @@ class Bench:
             self.sql(db, "SELECT id, extract(epoch FROM created_at)::float8 FROM source")
         )
         since = paced.write.started + p.latency_warmup
-        views = {
-            "writer-observed commit": [
-                handled[i] - t for i, t in paced.commits if t >= since and i in handled
-            ],
-            "row clock_timestamp()": [
-                handled[i] - created[i]
-                for i, t in paced.commits
-                if t >= since and i in handled and i in created
-            ],
+        commits = sorted((t, i) for i, t in paced.commits if t >= since and i in handled)
+        views = {  # samples in commit order, seconds
+            "writer-observed commit": [handled[i] - t for t, i in commits],
+            "row clock_timestamp()": [handled[i] - created[i] for _, i in commits if i in created],
         }
         base = {"driver": driver, "handler": kind}
+        rows: list[Row] = []
         for view, samples in views.items():
-            samples.sort()
+            ordered = sorted(samples)
             row = self.row("latency", f"latency {driver}: {view} → handled", view=view, **base)
             for q in (0.50, 0.95, 0.99):
-                row.add(f"p{round(q * 100)}_ms", percentile(samples, q) * 1000, "ms")
-            row.add("max_ms", samples[-1] * 1000 if samples else None, "ms")
-            row.add("target_rows_per_s", rate, "rows/s")
-            row.add("achieved_rows_per_s", paced.write.rate, "rows/s")
-            row.add("samples", len(samples), "events")
+                row.add(f"p{round(q * 100)}_ms", percentile(ordered, q) * 1000, "ms")
+            row.add("max_ms", ordered[-1] * 1000 if ordered else None, "ms")
+            row.add("samples", len(ordered), "events")
+            rows.append(row)
         hist = self.row(
             "latency", f"latency {driver}: daemon lag histogram", view="histogram", **base
         )
@@ -444,20 +442,41 @@ class Bench:
         for q in (0.50, 0.95, 0.99):
             value = histogram_quantile(buckets, q)
             hist.add(f"p{round(q * 100)}_ms", None if math.isnan(value) else value * 1000, "ms")
-        hist.add("target_rows_per_s", rate, "rows/s")
-        hist.add("achieved_rows_per_s", paced.write.rate, "rows/s")
-        hist.add("samples", total, "events")
-        self.check(
-            db, f"latency {driver}: writer-observed commit → handled", total, f"{SCHEMA}.queue"
-        )
+        hist.add("samples", buckets[-1][1] if buckets else None, "events")
+        rows.append(hist)
+        for row in rows:
+            row.add("target_rows_per_s", rate, "rows/s")
+            row.add("achieved_rows_per_s", paced.write.rate, "rows/s")
+            _pressure(row, m.cpu_pressure)
+        # Saturation shows as a backlog: the last events wait for everything before them.
+        last_write = max((t for _, t in paced.commits), default=paced.write.finished)
+        rows[0].add("tail_after_last_write_ms", (m.done_at - last_write) * 1000, "ms")
+        self._saturation(run, driver, views["writer-observed commit"])
+        self.check(db, rows[0].name, total, f"{SCHEMA}.queue")
         self._finish(name, job)
         self.server.drop_db(db)
-        p50 = percentile(views["writer-observed commit"], 0.5) * 1000
-        p99 = percentile(views["writer-observed commit"], 0.99) * 1000
+        observed = sorted(views["writer-observed commit"])
         _log(
-            f"  {name}: p50 {p50:.1f} ms, p99 {p99:.1f} ms at {paced.write.rate:,.0f} rows/s "
+            f"  {name}: p50 {percentile(observed, 0.5) * 1000:.1f} ms, p99 "
+            f"{percentile(observed, 0.99) * 1000:.1f} ms at {paced.write.rate:,.0f} rows/s "
             f"(writers at most {paced.behind_max * 1000:.0f} ms behind schedule)"
         )
+
+    def _saturation(self, run: int, driver: str, samples: Sequence[float]) -> None:
+        """Flag a run whose latency kept growing: the daemon fell behind the writers."""
+        third = len(samples) // 3
+        if third < 10:
+            return
+        early = percentile(sorted(samples[:third]), 0.5)
+        late = percentile(sorted(samples[-third:]), 0.5)
+        if late > 2 * early and late > 0.1:
+            note = (
+                f"latency {driver}, run {run + 1}: the daemon fell behind (median "
+                f"{early * 1000:,.0f} ms in the first third of the run, {late * 1000:,.0f} ms in "
+                "the last): this rate is at or beyond its capacity on this machine"
+            )
+            self.notes.append(note)
+            _log(f"  ! {note}")
 
     def pgbench(self, run: int) -> None:
         p = self.plan
@@ -466,6 +485,7 @@ class Bench:
             row = self.row("writers", name, clients=clients)
             tps: dict[str, float] = {}
             order = ("plain", "trigger") if run % 2 == 0 else ("trigger", "plain")
+            stall0, wall0 = cpu_stall_us(), time.time()
             for variant in order:
                 db = self._pgbench_dbs[variant]
                 self.sql(db, f"TRUNCATE source{', pgreact.queue' if variant == 'trigger' else ''}")
@@ -480,6 +500,9 @@ class Bench:
                 row.add(f"{variant}_tps", r.tps, "tx/s")
                 row.add(f"{variant}_latency_ms", r.latency_ms, "ms")
             row.add("trigger_vs_plain", tps["trigger"] / tps["plain"], "ratio")
+            stall1, wall1 = cpu_stall_us(), time.time()
+            if stall0 is not None and stall1 is not None:
+                _pressure(row, (stall1 - stall0) / 1e6 / (wall1 - wall0))
             _log(
                 f"  {name}: {tps['plain']:,.0f} tx/s plain, {tps['trigger']:,.0f} tx/s with "
                 f"trigger ({tps['trigger'] / tps['plain']:.2f}x)"
@@ -493,25 +516,35 @@ class Bench:
             spent = time.monotonic() - started
             self.seconds[section] = self.seconds.get(section, 0.0) + spent
 
-    def run_once(self, run: int) -> None:
+    def run_all(self) -> None:
+        """Section by section, each repeated ``runs`` times (a drain and its baseline run
+        back to back, so their ratio compares like with like)."""
         p = self.plan
-        _log(f"run {run + 1}/{p.runs}")
+        runs = range(p.runs)
         if "drain" in p.sections:
-            for driver in p.drivers:
-                for kind in KINDS:
-                    self._timed("drain", self.drain, run, kind, driver)
-            self._timed("baseline", self.baseline, run, per_row=True)
-            self._timed("baseline", self.baseline, run, per_row=False)
+            for run in runs:
+                _log(f"drain, run {run + 1}/{p.runs}")
+                for driver in p.drivers:
+                    for kind in KINDS:
+                        self._timed("drain", self.drain, run, kind, driver)
+                self._timed("baseline", self.baseline, run, per_row=True)
+                self._timed("baseline", self.baseline, run, per_row=False)
         if "live" in p.sections:
-            for driver in p.drivers:
-                for kind in KINDS:
-                    self._timed("live", self.live, run, kind, driver)
+            for run in runs:
+                _log(f"live, run {run + 1}/{p.runs}")
+                for driver in p.drivers:
+                    for kind in KINDS:
+                        self._timed("live", self.live, run, kind, driver)
         if "latency" in p.sections:
-            rate = self.latency_rate(run)
-            for driver in p.drivers:
-                self._timed("latency", self.latency, run, driver, rate)
+            rate = self.latency_rate()
+            for run in runs:
+                _log(f"latency, run {run + 1}/{p.runs}")
+                for driver in p.drivers:
+                    self._timed("latency", self.latency, run, driver, rate)
         if "writers" in p.sections:
-            self._timed("writers", self.pgbench, run)
+            for run in runs:
+                _log(f"writers, run {run + 1}/{p.runs}")
+                self._timed("writers", self.pgbench, run)
 
     def close(self) -> None:
         for proc in self._profilers:
@@ -539,6 +572,11 @@ class Bench:
                 pairs = ratios(row.metrics.get(metric, []), base.metrics.get(metric, []))
                 for value in pairs:
                     row.add(label, value, "ratio")
+
+
+def _pressure(row: Row, share: float | None) -> None:
+    if share is not None:
+        row.add("cpu_pressure_pct", share * 100, "%")
 
 
 def _py_spy() -> str:
@@ -584,6 +622,7 @@ def render(bench: Bench, plan: Plan) -> str:
                     "CPU vs baseline",
                     "server CPU ms/1k ev",
                     "peak RSS MB",
+                    "CPU pressure %",
                     "exactly-once",
                 ],
                 [
@@ -595,6 +634,7 @@ def render(bench: Bench, plan: Plan) -> str:
                         _cell(r, "vs_baseline_cpu", 2, "x"),
                         _cell(r, "server_cpu_ms_per_1k"),
                         _cell(r, "rss_peak_mb"),
+                        _cell(r, "cpu_pressure_pct"),
                         _integrity(r),
                     ]
                     for r in tp
@@ -616,6 +656,8 @@ def render(bench: Bench, plan: Plan) -> str:
                     "max",
                     "target rows/s",
                     "achieved rows/s",
+                    "tail after last write ms",
+                    "CPU pressure %",
                     "exactly-once",
                 ],
                 [
@@ -627,6 +669,8 @@ def render(bench: Bench, plan: Plan) -> str:
                         _cell(r, "max_ms", 1),
                         _cell(r, "target_rows_per_s"),
                         _cell(r, "achieved_rows_per_s"),
+                        _cell(r, "tail_after_last_write_ms"),
+                        _cell(r, "cpu_pressure_pct"),
                         _integrity(r),
                     ]
                     for r in lat
@@ -651,6 +695,7 @@ def render(bench: Bench, plan: Plan) -> str:
                     "with/without",
                     "latency ms no trigger",
                     "latency ms with capture",
+                    "CPU pressure %",
                 ],
                 [
                     [
@@ -660,6 +705,7 @@ def render(bench: Bench, plan: Plan) -> str:
                         _cell(r, "trigger_vs_plain", 2, "x"),
                         _cell(r, "plain_latency_ms", 2),
                         _cell(r, "trigger_latency_ms", 2),
+                        _cell(r, "cpu_pressure_pct"),
                     ]
                     for r in wr
                 ],
@@ -673,8 +719,8 @@ METHOD = {
     "computed per run pair (run i vs baseline run i), then the median",
     "drain": "the backlog is queued with no daemon running, cloned into a fresh database per run "
     "(CREATE DATABASE … TEMPLATE, ANALYZEd); the clock runs from the daemon's 'started' to the "
-    "moment the last expected event's transaction had committed (events_handled_total polled "
-    "every 5 ms, no SQL)",
+    "moment the last expected event's transaction had committed (an SQLAlchemy after_commit "
+    "hook in the measured process counts handled events: no polling, no SQL)",
     "live": "writers (another process) start when the daemon is ready; the clock runs from the "
     "first write to the last event handled",
     "cpu": "daemon CPU: the measured process's own getrusage (user+system) over the same "
@@ -682,16 +728,21 @@ METHOD = {
     "and the orchestrator are separate processes and not counted",
     "rss": "VmHWM of the measured process (forked from a fork server that pre-imported both "
     "drivers, so the figure includes both)",
-    "latency": "writer-observed commit: time.time() in the writer right after its autocommit "
-    "INSERT returned (slightly after the real commit); row clock_timestamp(): the source row's "
-    "created_at default, taken during the INSERT before the trigger and the commit (so it "
-    "includes the writer's own commit); 'handled' is time.time() in the daemon process when "
-    "SQLAlchemy's after_commit fired for the handler+ack transaction; the daemon histogram is "
-    "pgreact_event_lag_seconds (capturing statement start → commit, bucketed, interpolated)",
+    "latency": "rate: at most 25% of the single handler's median drain rate unless "
+    "--latency-rate is given. Writer-observed commit: time.time() in the writer right after its "
+    "autocommit INSERT returned (slightly after the real commit). Row clock_timestamp(): the "
+    "source row's created_at default, taken during the INSERT before the trigger and the commit "
+    "(so it includes the writer's own commit). 'Handled' is time.time() in the daemon process "
+    "when SQLAlchemy's after_commit fired for the handler+ack transaction. The daemon histogram "
+    "is pgreact_event_lag_seconds (capturing statement start → commit, bucketed, interpolated). "
+    "Tail: last handled minus last written; it grows when the daemon falls behind",
     "baseline": "bare asyncpg: N connections each loop BEGIN; SELECT … ORDER BY id LIMIT 100 "
     "FOR UPDATE SKIP LOCKED; decode jsonb; INSERT effects (per row, or executemany); DELETE "
     "claimed; COMMIT",
     "server": "synchronous_commit and fsync on, default settings otherwise",
+    "pressure": "CPU pressure: share of the measured interval during which some runnable task on "
+    "the machine waited for a CPU (Linux PSI 'some', machine-wide, our own processes included); "
+    "high values mean the numbers are CPU-starved",
 }
 
 
@@ -783,8 +834,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench = Bench(server, plan, workdir, args.profile)
         try:
             bench._timed("prepare", bench.prepare)
-            for run in range(plan.runs):
-                bench.run_once(run)
+            bench.run_all()
         except BenchFailure as exc:
             bench.failures.append(str(exc))
             _log(f"!!! {exc}")

@@ -133,6 +133,20 @@ def server_cpu_seconds(postmaster_pid: int | None) -> float | None:
     return ticks / _CLK_TCK
 
 
+def cpu_stall_us() -> int | None:
+    """Microseconds during which some runnable task waited for a CPU (Linux PSI, machine-wide):
+    over an interval, stall / wall is how contended the machine was."""
+    try:
+        with open("/proc/pressure/cpu", "rb") as fh:
+            first = fh.readline().decode()
+    except OSError:
+        return None
+    for part in first.split():
+        if part.startswith("total="):
+            return int(part.removeprefix("total="))
+    return None
+
+
 def _stat_fields(pid: int) -> list[str]:
     """Fields of /proc/PID/stat after the command name: [0] state, [1] ppid, [11] utime, …"""
     with open(f"/proc/{pid}/stat", "rb") as fh:

@@ -28,7 +28,7 @@ import anyio
 import asyncpg
 import orjson
 
-from benchmarks.server import server_cpu_seconds
+from benchmarks.server import cpu_stall_us, server_cpu_seconds
 from benchmarks.workload import HANDLER_NAMES, Kind, clock, make_router
 from service.logging import configure_logging
 from service.metrics import Metrics
@@ -87,6 +87,7 @@ class Measurement:
     cpu_seconds: float  # this process, user + system, started → done
     server_cpu_seconds: float | None  # every server process, started → done
     rss_peak_mb: float
+    cpu_pressure: float | None = None  # share of the interval some task waited for a CPU
     lag_buckets: list[tuple[float, float]] | None = None  # pgreact_event_lag_seconds (le, n)
     # (time.time(), buckets) taken every LAG_SNAPSHOT_SECONDS, to cut a warm-up off later
     lag_snapshots: list[tuple[float, list[tuple[float, float]]]] = field(default_factory=list)
@@ -101,6 +102,7 @@ class _Mark:
     wall: float
     cpu: float
     server_cpu: float | None
+    stall_us: int | None
 
 
 def _cpu() -> float:
@@ -110,12 +112,13 @@ def _cpu() -> float:
 
 def _mark_start(server_pid: int | None) -> _Mark:
     server = server_cpu_seconds(server_pid)  # before our own CPU mark: the scan is not counted
-    return _Mark(time.time(), _cpu(), server)
+    stall = cpu_stall_us()
+    return _Mark(time.time(), _cpu(), server, stall)
 
 
 def _mark_end(server_pid: int | None) -> _Mark:
-    wall, cpu = time.time(), _cpu()
-    return _Mark(wall, cpu, server_cpu_seconds(server_pid))
+    wall, cpu, stall = time.time(), _cpu(), cpu_stall_us()
+    return _Mark(wall, cpu, server_cpu_seconds(server_pid), stall)
 
 
 def _peak_rss_mb() -> float:
@@ -136,9 +139,11 @@ def _measurement(
     lag: list[tuple[float, float]] | None = None,
     snapshots: list[tuple[float, list[tuple[float, float]]]] | None = None,
 ) -> Measurement:
-    server = None
+    server = pressure = None
     if start.server_cpu is not None and end.server_cpu is not None:
         server = end.server_cpu - start.server_cpu
+    if start.stall_us is not None and end.stall_us is not None and end.wall > start.wall:
+        pressure = (end.stall_us - start.stall_us) / 1e6 / (end.wall - start.wall)
     return Measurement(
         handled=handled,
         started_at=start.wall,
@@ -146,6 +151,7 @@ def _measurement(
         cpu_seconds=end.cpu - start.cpu,
         server_cpu_seconds=server,
         rss_peak_mb=_peak_rss_mb(),
+        cpu_pressure=pressure,
         lag_buckets=lag,
         lag_snapshots=snapshots or [],
     )
