@@ -108,6 +108,24 @@ class Plan:
     pgbench_clients: tuple[int, ...] = (1, 4, 16)
     drivers: tuple[str, ...] = DRIVERS
     sections: tuple[str, ...] = SECTIONS
+    settings: tuple[tuple[str, str], ...] = ()  # pgreact settings for the daemons (--set)
+    # --ab: a second configuration measured right after the default one, pair by pair
+    ab: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def variants(self) -> list[Variant]:
+        default = Variant("", "", self.settings)
+        if not self.ab:
+            return [default]
+        label = ",".join(f"{k}={v}" for k, v in self.ab)
+        return [default, Variant(label, f" [{label}]", (*self.settings, *self.ab))]
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str  # "" for the default configuration
+    suffix: str  # appended to row names
+    settings: tuple[tuple[str, str], ...]
 
 
 QUICK = Plan(
@@ -291,7 +309,14 @@ class Bench:
         )
 
     def _job(
-        self, name: str, db: str, kind: Kind, driver: str, expect: int, **kw: Any
+        self,
+        name: str,
+        db: str,
+        kind: Kind,
+        driver: str,
+        expect: int,
+        variant: Variant,
+        **kw: Any,
     ) -> DaemonJob:
         return DaemonJob(
             url=self.server.sa_url(db, driver),
@@ -300,6 +325,7 @@ class Bench:
             log_path=self._log_path(name),
             server_pid=self.server.postmaster_pid,
             batch_max_size=self.plan.batch_max_size,
+            overrides=dict(variant.settings),
             **kw,
         )
 
@@ -315,12 +341,16 @@ class Bench:
         _pressure(row, m.cpu_pressure)
         return rate
 
-    def drain(self, run: int, kind: Kind, driver: str) -> None:
+    def drain(self, run: int, kind: Kind, driver: str, variant: Variant) -> None:
         p = self.plan
-        name = f"drain {kind} {driver}"
-        row = self.row("throughput", name, mode="drain", handler=kind, driver=driver)
-        db = self.server.create_db(f"r{run}_drain_{kind}_{driver}", template=self.loaded[kind])
-        job = self._job(name, db, kind, driver, p.events)
+        name = f"drain {kind} {driver}{variant.suffix}"
+        row = self.row(
+            "throughput", name, mode="drain", handler=kind, driver=driver, variant=variant.label
+        )
+        db = self.server.create_db(
+            f"r{run}_drain_{kind}_{driver}{_db_suffix(variant)}", template=self.loaded[kind]
+        )
+        job = self._job(name, db, kind, driver, p.events, variant)
         m = self._start(job, name).result(self._timeout(p.events))
         rate = self._throughput(row, m, p.events, m.wall_seconds)
         self.check(db, name, p.events, f"{SCHEMA}.queue")
@@ -350,12 +380,16 @@ class Bench:
         self.server.drop_db(db)
         _log(f"  {name}: {rate:,.0f} events/s")
 
-    def live(self, run: int, kind: Kind, driver: str) -> None:
+    def live(self, run: int, kind: Kind, driver: str, variant: Variant) -> None:
         p = self.plan
-        name = f"live {kind} {driver}"
-        row = self.row("throughput", name, mode="live", handler=kind, driver=driver)
-        db = self.server.create_db(f"r{run}_live_{kind}_{driver}", template=self.empty[kind])
-        job = self._job(name, db, kind, driver, p.live_events)
+        name = f"live {kind} {driver}{variant.suffix}"
+        row = self.row(
+            "throughput", name, mode="live", handler=kind, driver=driver, variant=variant.label
+        )
+        db = self.server.create_db(
+            f"r{run}_live_{kind}_{driver}{_db_suffix(variant)}", template=self.empty[kind]
+        )
+        job = self._job(name, db, kind, driver, p.live_events, variant)
         handle = self._start(job, name)
         handle.ready()
         w = self._write(db, p.live_events)
@@ -392,16 +426,18 @@ class Bench:
         )
         return cap
 
-    def latency(self, run: int, driver: str, rate: float) -> None:
+    def latency(self, run: int, driver: str, rate: float, variant: Variant) -> None:
         p = self.plan
         kind: Kind = "single"
         total = writers.paced_total(
             rate, p.latency_seconds, p.latency_writers, p.latency_rows_per_tx
         )
-        name = f"latency {driver}"
-        db = self.server.create_db(f"r{run}_latency_{driver}", template=self.empty[kind])
-        out = self.workdir / f"latency_{run}_{driver}.json"
-        job = self._job(name, db, kind, driver, total, latency_out=str(out))
+        name = f"latency {driver}{variant.suffix}"
+        db = self.server.create_db(
+            f"r{run}_latency_{driver}{_db_suffix(variant)}", template=self.empty[kind]
+        )
+        out = self.workdir / f"latency_{run}_{driver}{_db_suffix(variant)}.json"
+        job = self._job(name, db, kind, driver, total, variant, latency_out=str(out))
         handle = self._start(job, name)
         handle.ready()
         paced = anyio.run(
@@ -425,19 +461,17 @@ class Bench:
             "writer-observed commit": [handled[i] - t for t, i in commits],
             "row clock_timestamp()": [handled[i] - created[i] for _, i in commits if i in created],
         }
-        base = {"driver": driver, "handler": kind}
+        base = {"driver": driver, "handler": kind, "variant": variant.label}
         rows: list[Row] = []
         for view, samples in views.items():
             ordered = sorted(samples)
-            row = self.row("latency", f"latency {driver}: {view} → handled", view=view, **base)
+            row = self.row("latency", f"{name}: {view} → handled", view=view, **base)
             for q in (0.50, 0.95, 0.99):
                 row.add(f"p{round(q * 100)}_ms", percentile(ordered, q) * 1000, "ms")
             row.add("max_ms", ordered[-1] * 1000 if ordered else None, "ms")
             row.add("samples", len(ordered), "events")
             rows.append(row)
-        hist = self.row(
-            "latency", f"latency {driver}: daemon lag histogram", view="histogram", **base
-        )
+        hist = self.row("latency", f"{name}: daemon lag histogram", view="histogram", **base)
         buckets = _since(m, since)
         for q in (0.50, 0.95, 0.99):
             value = histogram_quantile(buckets, q)
@@ -451,7 +485,7 @@ class Bench:
         # Saturation shows as a backlog: the last events wait for everything before them.
         last_write = max((t for _, t in paced.commits), default=paced.write.finished)
         rows[0].add("tail_after_last_write_ms", (m.done_at - last_write) * 1000, "ms")
-        self._saturation(run, driver, views["writer-observed commit"])
+        self._saturation(run, name, views["writer-observed commit"])
         self.check(db, rows[0].name, total, f"{SCHEMA}.queue")
         self._finish(name, job)
         self.server.drop_db(db)
@@ -462,7 +496,7 @@ class Bench:
             f"(writers at most {paced.behind_max * 1000:.0f} ms behind schedule)"
         )
 
-    def _saturation(self, run: int, driver: str, samples: Sequence[float]) -> None:
+    def _saturation(self, run: int, name: str, samples: Sequence[float]) -> None:
         """Flag a run whose latency kept growing: the daemon fell behind the writers."""
         third = len(samples) // 3
         if third < 10:
@@ -471,7 +505,7 @@ class Bench:
         late = percentile(sorted(samples[-third:]), 0.5)
         if late > 2 * early and late > 0.1:
             note = (
-                f"latency {driver}, run {run + 1}: the daemon fell behind (median "
+                f"{name}, run {run + 1}: the daemon fell behind (median "
                 f"{early * 1000:,.0f} ms in the first third of the run, {late * 1000:,.0f} ms in "
                 "the last): this rate is at or beyond its capacity on this machine"
             )
@@ -526,7 +560,8 @@ class Bench:
                 _log(f"drain, run {run + 1}/{p.runs}")
                 for driver in p.drivers:
                     for kind in KINDS:
-                        self._timed("drain", self.drain, run, kind, driver)
+                        for variant in p.variants:
+                            self._timed("drain", self.drain, run, kind, driver, variant)
                 self._timed("baseline", self.baseline, run, per_row=True)
                 self._timed("baseline", self.baseline, run, per_row=False)
         if "live" in p.sections:
@@ -534,13 +569,15 @@ class Bench:
                 _log(f"live, run {run + 1}/{p.runs}")
                 for driver in p.drivers:
                     for kind in KINDS:
-                        self._timed("live", self.live, run, kind, driver)
+                        for variant in p.variants:
+                            self._timed("live", self.live, run, kind, driver, variant)
         if "latency" in p.sections:
             rate = self.latency_rate()
             for run in runs:
                 _log(f"latency, run {run + 1}/{p.runs}")
                 for driver in p.drivers:
-                    self._timed("latency", self.latency, run, driver, rate)
+                    for variant in p.variants:
+                        self._timed("latency", self.latency, run, driver, rate, variant)
         if "writers" in p.sections:
             for run in runs:
                 _log(f"writers, run {run + 1}/{p.runs}")
@@ -572,6 +609,22 @@ class Bench:
                 pairs = ratios(row.metrics.get(metric, []), base.metrics.get(metric, []))
                 for value in pairs:
                     row.add(label, value, "ratio")
+        # --ab: the second configuration against the default, run pair by run pair.
+        for row in self.rows.values():
+            variant = row.params.get("variant")
+            if not variant:
+                continue
+            default = self.rows.get(row.name.replace(f" [{variant}]", ""))
+            if default is None:
+                continue
+            for metric in ("events_per_s", "daemon_cpu_ms_per_1k", "p50_ms", "p99_ms"):
+                pairs = ratios(row.metrics.get(metric, []), default.metrics.get(metric, []))
+                for value in pairs:
+                    row.add(f"vs_default_{metric}", value, "ratio")
+
+
+def _db_suffix(variant: Variant) -> str:
+    return "_b" if variant.label else ""
 
 
 def _pressure(row: Row, share: float | None) -> None:
@@ -711,6 +764,25 @@ def render(bench: Bench, plan: Plan) -> str:
                 ],
             )
         )
+    ab = [r for r in rows if any(m.startswith("vs_default_") for m in r.metrics)]
+    if ab:
+        parts.append(
+            render_table(
+                f"A/B: [{ab[0].params['variant']}] against the default configuration, per run "
+                "pair (events/s > 1 and the rest < 1 is better)",
+                ["scenario", "events/s", "daemon CPU/1k ev", "p50", "p99"],
+                [
+                    [
+                        r.name,
+                        _cell(r, "vs_default_events_per_s", 2, "x"),
+                        _cell(r, "vs_default_daemon_cpu_ms_per_1k", 2, "x"),
+                        _cell(r, "vs_default_p50_ms", 2, "x"),
+                        _cell(r, "vs_default_p99_ms", 2, "x"),
+                    ]
+                    for r in ab
+                ],
+            )
+        )
     return "\n\n".join(parts)
 
 
@@ -781,6 +853,22 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "numbers of a profiled run are perturbed",
     )
     ap.add_argument("--logs", type=Path, metavar="DIR", help="keep the measured processes' logs")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a pgreact setting for the measured daemons, e.g. --set pool_pre_ping=false "
+        "--set concurrency=4 (names as in PGREACT_*, lower case, without the prefix)",
+    )
+    ap.add_argument(
+        "--ab",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="also measure every daemon scenario with this setting changed, right after the "
+        "default one, and report per-run-pair ratios (repeatable: one combined variant)",
+    )
     return ap.parse_args(argv)
 
 
@@ -812,7 +900,31 @@ def _plan(args: argparse.Namespace) -> Plan:
             changes[field] = chosen
     if args.latency_rate is not None:
         changes["latency_rate_capped"] = False
+    for option, field in (("set", "settings"), ("ab", "ab")):
+        items = _settings(getattr(args, option), option)
+        if items:
+            changes[field] = items
     return dataclasses.replace(plan, **changes)
+
+
+def _settings(items: Sequence[str], option: str) -> tuple[tuple[str, str], ...]:
+    """``NAME=VALUE`` pairs, validated by pgreact's own settings model now rather than in the
+    first measured process."""
+    pairs = []
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip().lower().removeprefix("pgreact_")
+        if not sep or not name:
+            raise SystemExit(f"--{option} {item!r}: expected NAME=VALUE")
+        pairs.append((name, value.strip()))
+    if pairs:
+        from service.settings import load_settings
+
+        try:
+            load_settings(None, environ={}, **dict(pairs))
+        except Exception as exc:
+            raise SystemExit(f"--{option}: {exc}") from None
+    return tuple(pairs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
