@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import anyio
+import anyio.abc
 import structlog
 from anyio.abc import TaskStatus
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
@@ -152,6 +153,9 @@ class Dispatcher:
         self._token_seq = 0
         self._stopping = False
         self._retry_due: dict[str, float] = {}
+        self._idle: set[str] = set()
+        self._arming = False
+        self._tg: anyio.abc.TaskGroup | None = None
         self._last_error_log: dict[str, float] = {}
 
     # -- control --------------------------------------------------------------------------
@@ -180,6 +184,7 @@ class Dispatcher:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until :meth:`stop_claiming`; returns once every in-flight unit has finished."""
         async with anyio.create_task_group() as tg:
+            self._tg = tg
             for handler in self._handlers:
                 tg.start_soon(self._drive, handler, name=f"drive:{handler.name}")
             task_status.started()
@@ -191,7 +196,42 @@ class Dispatcher:
         if current is None or due < current:
             self._retry_due[handler] = due
 
+    # -- idle: re-arm the doorbell ----------------------------------------------------------
+
+    def _check_idle(self) -> None:
+        """When every handler waits and no unit runs, the writers' doorbell must be armed again,
+        or the next change would wait for a sweep instead of ringing."""
+        if (
+            self._arming
+            or self._stopping
+            or self._units
+            or self._tg is None
+            or len(self._idle) < len(self._handlers)
+        ):
+            return
+        self._arming = True
+        self._tg.start_soon(self._rearm, name="rearm-doorbell")
+
+    async def _rearm(self) -> None:
+        try:
+            async with self._engine.connect() as conn:
+                rang = await self._store.arm_doorbell(conn)
+            if rang:
+                self.wake()  # catch what was committed between the ring and the re-arm
+        except Exception as exc:
+            self._log_error("rearm_failed", "*", exc)
+        finally:
+            self._arming = False
+
     async def _wait_for_work(self, handler: str, wakeup: Wakeup) -> None:
+        self._idle.add(handler)
+        self._check_idle()
+        try:
+            await self._wait_for_wakeup(handler, wakeup)
+        finally:
+            self._idle.discard(handler)
+
+    async def _wait_for_wakeup(self, handler: str, wakeup: Wakeup) -> None:
         due = self._retry_due.get(handler)
         if due is None:
             await wakeup.wait()
@@ -266,6 +306,7 @@ class Dispatcher:
                 await self._give_back(unit, reason)
             self._units.pop(unit.token, None)
             self._slots.release()
+            self._check_idle()
 
     async def _work(self, conn: _Connection, unit: _Unit, claimed: list[Claimed]) -> None:
         handler = unit.handler

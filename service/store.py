@@ -182,6 +182,9 @@ class Store:
                    extract(epoch FROM now() - min(created_at) FILTER (WHERE dead_at IS NULL))
             FROM {q} GROUP BY handler
         """)
+        self._arm = text(
+            f"UPDATE {quote_ident(schema)}.doorbell SET armed = true WHERE NOT armed RETURNING 1"
+        )
         self._q = q
 
     # -- the hot path ---------------------------------------------------------------------
@@ -265,6 +268,13 @@ class Store:
         """Give claims back untouched (shutdown): the attempt is refunded."""
         await conn.execute(self._release, {"ids": list(ids), "token": token})
         await conn.commit()
+
+    async def arm_doorbell(self, conn: AsyncConnection) -> bool:
+        """Re-arm the writers' doorbell; True if it had been rung (then sweep once more)."""
+        result = await conn.execute(self._arm)
+        rang = result.first() is not None
+        await conn.commit()
+        return rang
 
     # -- housekeeping ---------------------------------------------------------------------
 

@@ -366,3 +366,27 @@ async def test_copy_rows_commits_with_the_batch(pg_dsn: str, sa_url: str) -> Non
         await wait_until(lambda: effect_counts(pg_dsn)[0] >= 500, message="copied")
         await wait_until(lambda: queue_state(pg_dsn)["live"] == 0, message="acked")
     assert effect_counts(pg_dsn) == (500, 500)
+
+
+async def test_doorbell_rings_once_until_a_consumer_rearms_it(pg_dsn: str, sa_url: str) -> None:
+    import psycopg
+
+    create_tables(pg_dsn)
+    router = effects_router()
+    await install(sa_url, router)
+    with psycopg.connect(pg_dsn, autocommit=True) as listener:
+        listener.execute("LISTEN pgreact_events")
+        for i in range(50):  # fifty writer transactions, no consumer running
+            sql(pg_dsn, "INSERT INTO source VALUES (%s, 0)", [i])
+        rings = list(listener.notifies(timeout=0.5))
+        assert len(rings) == 1  # the first writer rang; the other 49 only read the bell
+        assert sql(pg_dsn, "SELECT armed FROM pgreact.doorbell") == [(False,)]
+        async with running(make_settings(sa_url), router):
+            await wait_until(lambda: effect_counts(pg_dsn)[0] == 100, message="drained")
+            # Idle again: the consumer re-armed the bell, so the next change rings at once.
+            await wait_until(
+                lambda: sql(pg_dsn, "SELECT armed FROM pgreact.doorbell") == [(True,)],
+                message="re-armed",
+            )
+            sql(pg_dsn, "INSERT INTO source VALUES (1000, 0)")
+            await wait_until(lambda: effect_counts(pg_dsn)[0] == 102, timeout=2, message="rang")

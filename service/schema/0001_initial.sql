@@ -48,6 +48,31 @@ CREATE INDEX queue_order ON __SCHEMA__.queue (handler, order_key, id)
 -- Dead letters only (live inserts never touch this partial index).
 CREATE INDEX queue_dead ON __SCHEMA__.queue (handler, id) WHERE dead_at IS NOT NULL;
 
+-- The doorbell. NOTIFY takes a database-wide lock at commit, so a NOTIFY in every writer's
+-- transaction serialises their commits (and their WAL flushes). Instead, the first writer after
+-- the consumers went idle finds the bell armed, disarms it and rings once; later writers only
+-- read it. A consumer that runs out of work re-arms the bell and sweeps once more, so an event
+-- committed in between is not left waiting (the periodic sweep is the backstop).
+CREATE TABLE __SCHEMA__.doorbell (
+    id    integer PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    armed boolean NOT NULL DEFAULT true
+);
+INSERT INTO __SCHEMA__.doorbell DEFAULT VALUES;
+
+CREATE FUNCTION __SCHEMA__.ring() RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF (SELECT armed FROM __SCHEMA__.doorbell) THEN
+        -- Concurrent writers that also saw it armed wait here for our commit, then find it
+        -- disarmed: one NOTIFY per idle-to-busy transition, whatever the write rate.
+        UPDATE __SCHEMA__.doorbell SET armed = false WHERE armed;
+        IF FOUND THEN
+            PERFORM pg_notify(__CHANNEL__, '');
+        END IF;
+    END IF;
+END
+$$;
+
 -- The text key of a row image: one column's text, or a JSON array for several columns.
 -- (Trigger arguments arrive as TG_ARGV, an array whose lower bound is 0, hence array_lower.)
 CREATE FUNCTION __SCHEMA__.key_of(img jsonb, cols text[]) RETURNS text
@@ -84,7 +109,7 @@ BEGIN
     ORDER BY c.change_id, s.handler;
     GET DIAGNOSTICS n = ROW_COUNT;
     IF n > 0 THEN
-        PERFORM pg_notify(__CHANNEL__, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME);
+        PERFORM __SCHEMA__.ring();
     END IF;
     RETURN NULL;
 END
@@ -111,7 +136,7 @@ BEGIN
     ORDER BY c.change_id, s.handler;
     GET DIAGNOSTICS n = ROW_COUNT;
     IF n > 0 THEN
-        PERFORM pg_notify(__CHANNEL__, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME);
+        PERFORM __SCHEMA__.ring();
     END IF;
     RETURN NULL;
 END
@@ -139,7 +164,7 @@ BEGIN
     ORDER BY s.handler;
     GET DIAGNOSTICS n = ROW_COUNT;
     IF n > 0 THEN
-        PERFORM pg_notify(__CHANNEL__, TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME);
+        PERFORM __SCHEMA__.ring();
     END IF;
     RETURN NULL;
 END
