@@ -272,7 +272,7 @@ class Bench:
                 self.sql(db, "ANALYZE")
                 self.loaded[kind] = db
                 self.notes.append(
-                    f"preload for {kind}: {p.events} changes by {p.writers} writers, "
+                    f"preload for {kind}: {p.events:,} changes by {p.writers} writers, "
                     f"{p.rows_per_statement} rows per INSERT, capture trigger on: "
                     f"{result.rate:,.0f} rows/s"
                 )
@@ -420,9 +420,9 @@ class Bench:
         self.notes.append(
             f"latency: the target {p.latency_rate:,.0f} changes/s is more than "
             f"{LATENCY_SHARE:.0%} of the single handler's median drain rate on this machine "
-            f"({min(drained):,.0f}/s, slowest driver), so the latency runs used {cap:,.0f}/s: "
-            "near capacity, percentiles only measure a growing backlog (--latency-rate forces "
-            "a rate)"
+            f"({min(drained):,.0f}/s, slowest driver), so the latency runs used {cap:,.0f}/s "
+            "(near capacity the percentiles would only measure a growing backlog; "
+            "--latency-rate forces a rate)"
         )
         return cap
 
