@@ -2,14 +2,23 @@
 
 Each check yields ``ok``, ``warn`` or ``fail`` with a message that says what to do. Only ``fail``
 makes the command exit non-zero.
+
+Poolers. Both URLs are probed for what sits in front of PostgreSQL (:func:`probe_route`), by
+behaviour rather than by port: a pooler answers the startup handshake with a process id of its
+own, and in transaction mode it hands a client's server connection to another client as soon as
+a transaction ends. That decides whether ``PGREACT_POOLER`` fits the write URL, and whether the
+listen URL can deliver notifications at all. The listen URL is then proven by a NOTIFY round
+trip *from a second session*: a session that notifies itself gets its notification back even
+through a transaction-mode pooler (the server delivers it to whoever holds that server
+connection at commit — the sender), so only a notification from another session proves delivery.
 """
 
 from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Literal
-from urllib.parse import urlsplit
+from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 from sqlalchemy import text
@@ -18,15 +27,24 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from listeners import backend_for
 from listeners.protocol import Notification
 from service import installer
-from service.db import create_write_engine
+from service.db import WriteTimeouts, create_write_engine
 from service.errors import PgreactError
 from service.router import Router, load_routers
-from service.settings import Settings, mask_url
+from service.settings import Driver, Settings, libpq_url, mask_url
 
 Level = Literal["ok", "warn", "fail"]
+RouteKind = Literal["direct", "session", "transaction", "statement", "unknown"]
 BUDGET_WARN = 0.8
 SELF_TEST_TIMEOUT = 5.0
 PGBOUNCER_PORT = 6432
+# Query parameters only SQLAlchemy's asyncpg adapter understands: the probes connect with the
+# bare drivers, which would refuse (libpq) or send them to the server as settings (asyncpg).
+_ADAPTER_PARAMS = frozenset({"prepared_statement_cache_size", "prepared_statement_name_func"})
+_POOLER_FIX = "set PGREACT_POOLER=pgbouncer-transaction"
+_LISTEN_FIX = (
+    "set PGREACT_LISTEN_URL to a URL that reaches PostgreSQL directly or through a "
+    "session-mode pool (e.g. postgresql://user:pass@db-host:5432/db)"
+)
 
 
 @dataclass
@@ -63,19 +81,158 @@ async def run_checks(settings: Settings) -> CheckReport:
     return report
 
 
+# -- what is in front of PostgreSQL -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """How a URL reaches PostgreSQL, as observed by :func:`probe_route`."""
+
+    kind: RouteKind
+    evidence: str
+
+    @property
+    def pooled(self) -> bool:
+        return self.kind in ("session", "transaction", "statement")
+
+
+class _ProbeConnection:
+    """A bare driver connection that works through any pooler: no named prepared statements,
+    every statement either self-contained or inside a transaction (so it stays on one server
+    connection even in transaction mode)."""
+
+    def __init__(self, driver: Driver, conn: Any) -> None:
+        self._driver = driver
+        self._conn = conn
+
+    @classmethod
+    async def open(
+        cls, driver: Driver, dsn: str, application_name: str, connect_timeout: float
+    ) -> _ProbeConnection:
+        if driver == "asyncpg":
+            import asyncpg
+
+            conn: Any = await asyncpg.connect(
+                dsn,
+                timeout=connect_timeout,
+                statement_cache_size=0,
+                server_settings={"application_name": application_name},
+            )
+        else:
+            import psycopg
+
+            conn = await psycopg.AsyncConnection.connect(
+                dsn,
+                autocommit=True,
+                prepare_threshold=None,
+                application_name=application_name,
+                connect_timeout=max(1, int(connect_timeout)),
+            )
+        return cls(driver, conn)
+
+    @property
+    def reported_pid(self) -> int:
+        """The process id the startup handshake announced (a pooler's own, behind one)."""
+        if self._driver == "asyncpg":
+            return int(self._conn.get_server_pid())
+        return int(self._conn.info.backend_pid)
+
+    async def simple(self, statement: str) -> None:
+        """One statement in the simple protocol: one message, one round trip."""
+        if self._driver == "asyncpg":
+            await self._conn.execute(statement)
+        else:
+            await self._conn.execute(statement.encode(), prepare=False)
+
+    async def backend_pid(self) -> int:
+        """``pg_backend_pid()`` of the server connection serving this statement."""
+        if self._driver == "asyncpg":
+            if self._conn.is_in_transaction():
+                return int(await self._conn.fetchval("SELECT pg_backend_pid()"))
+            async with self._conn.transaction():  # parse and execute on one server connection
+                return int(await self._conn.fetchval("SELECT pg_backend_pid()"))
+        cursor = await self._conn.execute("SELECT pg_backend_pid()")
+        row = await cursor.fetchone()
+        return int(row[0])
+
+    async def aclose(self) -> None:
+        with anyio.move_on_after(2, shield=True):
+            await self._conn.close()
+
+
+def probe_dsn(url: str) -> str:
+    """``url`` as a libpq URL the bare drivers accept."""
+    parts = urlsplit(libpq_url(url))
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k not in _ADAPTER_PARAMS]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+async def probe_route(
+    driver: Driver, url: str, *, application_name: str, connect_timeout: float
+) -> Route:
+    """Tell a direct connection from a session-mode, transaction-mode or statement-mode pooler.
+
+    Two connections, A and B: A reads ``pg_backend_pid()`` (transaction ended), then B opens a
+    transaction and reads it, then A reads it again while B's transaction holds its server.
+
+    - B got A's server, or A moved to another one: server connections change hands between
+      transactions — transaction mode (PgBouncer reuses the server released last, so this
+      shows at once);
+    - otherwise, when the pid of A's startup handshake is not its server's pid, something
+      answered the handshake for the server but keeps A on one server connection — session
+      mode;
+    - ``BEGIN`` refused: statement mode. Otherwise direct.
+
+    Connection errors propagate.
+    """
+    dsn = probe_dsn(url)
+    a = await _ProbeConnection.open(driver, dsn, application_name, connect_timeout)
+    try:
+        a1 = await a.backend_pid()
+        b = await _ProbeConnection.open(driver, dsn, application_name, connect_timeout)
+        try:
+            try:
+                await b.simple("BEGIN")
+            except Exception as exc:
+                if "statement pooling" in str(exc) or "transaction blocks" in str(exc):
+                    return Route("statement", f"BEGIN was refused: {_first_line(exc)}")
+                raise
+            b1 = await b.backend_pid()
+            a2 = await a.backend_pid()
+            with anyio.CancelScope(shield=True):
+                await b.simple("ROLLBACK")
+        finally:
+            await b.aclose()
+        reported = a.reported_pid
+    finally:
+        await a.aclose()
+    if b1 == a1 or a2 != a1:
+        return Route(
+            "transaction",
+            f"one client was served by server processes {a1} and {a2}, and process {a1} then "
+            f"served another client ({b1})",
+        )
+    if reported != a1:
+        return Route(
+            "session",
+            f"the handshake announced process {reported}, but server process {a1} answers",
+        )
+    return Route("direct", f"server process {a1} answers, as announced by the handshake")
+
+
+def _first_line(exc: BaseException) -> str:
+    return mask_url((str(exc).splitlines() or [type(exc).__name__])[0])
+
+
+# -- the write URL ----------------------------------------------------------------------------
+
+
 async def _check_write_database(
     settings: Settings, router: Router | None, report: CheckReport
 ) -> None:
     url = settings.require_database_url()
-    port = urlsplit(url.replace("+asyncpg", "").replace("+psycopg", "")).port
-    if port == PGBOUNCER_PORT and settings.pooler == "none":
-        report.add(
-            "warn",
-            "pooler",
-            f"PGREACT_DATABASE_URL uses port {PGBOUNCER_PORT}, PgBouncer's usual port, while "
-            "PGREACT_POOLER=none: behind a transaction-mode PgBouncer set "
-            "PGREACT_POOLER=pgbouncer-transaction",
-        )
+    route = await _check_write_route(settings, url, report)
+    pooled = settings.pooler != "none"
     engine = create_write_engine(settings)
     try:
         with anyio.fail_after(settings.connect_timeout + 5):
@@ -87,11 +244,13 @@ async def _check_write_database(
                             "current_setting('max_connections')::int, "
                             "current_setting('superuser_reserved_connections')::int, "
                             "coalesce(current_setting('reserved_connections', true), '0')::int, "
-                            "pg_is_in_recovery()"
+                            "pg_is_in_recovery(), current_user, "
+                            "current_setting('statement_timeout'), "
+                            "current_setting('idle_in_transaction_session_timeout')"
                         )
                     )
                 ).one()
-                version, max_conn, su_reserved, reserved, in_recovery = row
+                version, max_conn, su_reserved, reserved, in_recovery, user = row[:6]
                 report.add(
                     "ok", "database", f"connected to PostgreSQL {version} at {mask_url(url)}"
                 )
@@ -102,31 +261,175 @@ async def _check_write_database(
                         "the write URL reaches a server in recovery (a standby): point "
                         "PGREACT_DATABASE_URL at the primary",
                     )
-                _check_budget(settings, int(max_conn) - int(su_reserved) - int(reserved), report)
+                available = int(max_conn) - int(su_reserved) - int(reserved)
+                _check_budget(settings, available, report, pooled_writes=pooled)
+                if pooled:
+                    _check_pooled_timeouts(settings, str(user), str(row[6]), str(row[7]), report)
                 if router is not None:
                     await _check_install(conn, settings, router, report)
     except PgreactError:
         raise
     except Exception as exc:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        first = _first_line(exc)
+        hint = ""
+        if "prepared statement" in first and not pooled:
+            hint = (
+                f": this is what a transaction-mode pooler does to prepared statements; "
+                f"{_POOLER_FIX}"
+            )
+        elif "unsupported startup parameter" in first and not pooled:
+            hint = (
+                ": PgBouncer refuses startup parameters (pgreact sends its timeouts as such) in "
+                f"every pool mode; {_POOLER_FIX} (right for session mode too)"
+            )
+        elif route is not None and route.kind == "statement":
+            hint = ": pgreact needs transactions; use a session- or transaction-mode pool"
         report.add(
             "fail",
             "database",
             f"cannot use PGREACT_DATABASE_URL ({mask_url(url)}): {type(exc).__name__}: "
-            f"{mask_url(first)}",
+            f"{first}{hint}",
         )
     finally:
         await engine.dispose()
 
 
-def _check_budget(settings: Settings, available: int, report: CheckReport) -> None:
-    per_process = settings.pool_size + settings.max_overflow + 1
-    needed = per_process * settings.replicas
-    detail = (
-        f"(PGREACT_POOL_SIZE {settings.pool_size} + PGREACT_MAX_OVERFLOW "
-        f"{settings.max_overflow} + 1 listener) x {settings.replicas} replica(s) = {needed} of "
-        f"{available} connections available"
-    )
+async def _check_write_route(settings: Settings, url: str, report: CheckReport) -> Route | None:
+    """Does ``PGREACT_POOLER`` fit what the write URL goes through?"""
+    port = urlsplit(libpq_url(url)).port
+    try:
+        with anyio.fail_after(settings.connect_timeout + 5):
+            route = await probe_route(
+                settings.write_driver,
+                url,
+                application_name=f"{settings.application_name}-check",
+                connect_timeout=settings.connect_timeout,
+            )
+    except Exception as exc:
+        # The database check below reports the connection error itself; only the port is left.
+        if port == PGBOUNCER_PORT and settings.pooler == "none":
+            report.add(
+                "warn",
+                "pooler",
+                f"PGREACT_DATABASE_URL uses port {PGBOUNCER_PORT}, PgBouncer's usual port, while "
+                f"PGREACT_POOLER=none (could not probe it: {_first_line(exc)}): behind a "
+                f"transaction-mode PgBouncer {_POOLER_FIX}",
+            )
+        return None
+    where = f"PGREACT_DATABASE_URL ({mask_url(url)})"
+    if route.kind == "transaction":
+        if settings.pooler == "none":
+            report.add(
+                "fail",
+                "pooler",
+                f"{where} goes through a transaction-mode pooler ({route.evidence}) while "
+                f"PGREACT_POOLER=none: {_POOLER_FIX}, or prepared statements fail with "
+                "'prepared statement \"__asyncpg_stmt_N__\" does not exist' (asyncpg) or "
+                "'\"_pg3_N\" already exists' (psycopg)",
+            )
+        else:
+            report.add(
+                "ok",
+                "pooler",
+                f"{where} goes through a transaction-mode pooler; PGREACT_POOLER="
+                f"{settings.pooler}: no server-side prepared statements",
+            )
+    elif route.kind == "statement":
+        report.add(
+            "fail",
+            "pooler",
+            f"{where} goes through a statement-mode pooler ({route.evidence}): pgreact runs "
+            "each batch in one transaction; use a transaction- or session-mode pool",
+        )
+    elif settings.pooler != "none":
+        report.add(
+            "warn",
+            "pooler",
+            f"PGREACT_POOLER={settings.pooler}, but {where} "
+            + (
+                "reaches PostgreSQL directly"
+                if route.kind == "direct"
+                else "goes through a session-mode pooler"
+            )
+            + f" ({route.evidence}): prepared statements and the server-side timeouts are off "
+            "for nothing; set PGREACT_POOLER=none",
+        )
+    elif route.kind == "session":
+        report.add(
+            "ok",
+            "pooler",
+            f"{where} goes through a session-mode pooler ({route.evidence}); PGREACT_POOLER=none "
+            f"fits it (in transaction mode, {_POOLER_FIX})",
+        )
+    else:
+        report.add("ok", "pooler", f"{where} reaches PostgreSQL directly")
+    return route
+
+
+def _check_pooled_timeouts(
+    settings: Settings, user: str, statement: str, idle: str, report: CheckReport
+) -> None:
+    """Behind a transaction-mode pooler the timeouts cannot be startup options: the role has
+    to carry them (or PgBouncer's ``query_timeout`` / ``idle_transaction_timeout``)."""
+    limits = WriteTimeouts.of(settings)
+    missing = []
+    if statement in ("0", "0ms"):
+        missing.append(
+            f"ALTER ROLE \"{user}\" SET statement_timeout = '{limits.statement_ms // 1000}s';"
+        )
+    if idle in ("0", "0ms"):
+        missing.append(
+            f'ALTER ROLE "{user}" SET idle_in_transaction_session_timeout = '
+            f"'{limits.idle_in_transaction_ms // 1000}s';"
+        )
+    if missing:
+        report.add(
+            "warn",
+            "timeouts",
+            "through the pooler, the write connections run without "
+            + " and ".join(
+                name
+                for name, value in (
+                    ("statement_timeout", statement),
+                    ("idle_in_transaction_session_timeout", idle),
+                )
+                if value in ("0", "0ms")
+            )
+            + " (PgBouncer refuses them as startup options), so a hung handler can pin a "
+            "server connection: " + " ".join(missing) + " (or set query_timeout and "
+            "idle_transaction_timeout in pgbouncer.ini)",
+        )
+    else:
+        report.add(
+            "ok",
+            "timeouts",
+            f"statement_timeout {statement}, idle_in_transaction_session_timeout {idle} "
+            "(from the role or the server)",
+        )
+
+
+def _check_budget(
+    settings: Settings, available: int, report: CheckReport, *, pooled_writes: bool = False
+) -> None:
+    if pooled_writes:
+        # The write pools connect to the pooler, which opens at most its own pool size of server
+        # connections: only the listeners (direct) count against max_connections here.
+        needed = settings.replicas
+        clients = (settings.pool_size + settings.max_overflow) * settings.replicas
+        detail = (
+            f"1 listener x {settings.replicas} replica(s) = {needed} direct connection(s) of "
+            f"{available} available; the write pools open up to {clients} client connections "
+            "to the pooler (its max_client_conn must allow them; its default_pool_size bounds "
+            "the server connections they share)"
+        )
+    else:
+        per_process = settings.pool_size + settings.max_overflow + 1
+        needed = per_process * settings.replicas
+        detail = (
+            f"(PGREACT_POOL_SIZE {settings.pool_size} + PGREACT_MAX_OVERFLOW "
+            f"{settings.max_overflow} + 1 listener) x {settings.replicas} replica(s) = {needed} "
+            f"of {available} connections available"
+        )
     if needed > available:
         report.add(
             "fail",
@@ -176,8 +479,40 @@ async def _check_install(
 
 
 async def _check_listener(settings: Settings, report: CheckReport) -> None:
-    """Round trip a NOTIFY through the listen URL: a transaction-mode pooler accepts LISTEN but
-    never delivers, which is exactly what this catches."""
+    """LISTEN on the listen URL and prove delivery with a NOTIFY from a second session."""
+    url = settings.effective_listen_url
+    where = f"PGREACT_LISTEN_URL ({mask_url(url)})"
+    if settings.listen_url is None:
+        where = (
+            "the listen URL (PGREACT_LISTEN_URL is unset, so PGREACT_DATABASE_URL, "
+            f"{mask_url(url)})"
+        )
+    app = f"{settings.application_name}-check"
+    try:
+        with anyio.fail_after(settings.connect_timeout + 5):
+            route = await probe_route(
+                settings.listener_driver,
+                url,
+                application_name=app,
+                connect_timeout=settings.connect_timeout,
+            )
+    except Exception as exc:
+        report.add("fail", "listener", f"cannot connect to {where}: {_first_line(exc)}")
+        return
+    if route.kind in ("transaction", "statement"):
+        report.add(
+            "fail",
+            "listener",
+            f"{where} goes through a {route.kind}-mode pooler ({route.evidence}): LISTEN "
+            f"through it receives nothing; {_LISTEN_FIX}",
+        )
+        return
+    await _round_trip(settings, url, where, route, report)
+
+
+async def _round_trip(
+    settings: Settings, url: str, where: str, route: Route, report: CheckReport
+) -> None:
     received = anyio.Event()
     channel = f"pgreact_check_{secrets.token_hex(6)}"
 
@@ -186,34 +521,42 @@ async def _check_listener(settings: Settings, report: CheckReport) -> None:
             received.set()
 
     backend = backend_for(settings.listener_driver)
-    url = settings.effective_listen_url
+    app = f"{settings.application_name}-check"
     try:
         conn = await backend.connect(
             settings.listen_dsn,
-            application_name=f"{settings.application_name}-check",
+            application_name=app,
             on_notification=on_notification,
             connect_timeout=settings.connect_timeout,
         )
     except Exception as exc:
-        report.add("fail", "listener", f"cannot connect to {mask_url(url)} ({backend.name}): {exc}")
+        report.add(
+            "fail", "listener", f"cannot connect to {where} ({backend.name}): {_first_line(exc)}"
+        )
         return
     try:
         await conn.listen([channel])
-        await conn.notify(channel, "check")
+        sender = await _ProbeConnection.open(
+            settings.listener_driver, probe_dsn(url), app, settings.connect_timeout
+        )
+        try:
+            await sender.simple(f"NOTIFY {channel}, 'check'")  # a hex token: no quoting needed
+        finally:
+            await sender.aclose()
         with anyio.move_on_after(SELF_TEST_TIMEOUT):
             await received.wait()
+        via = "" if route.kind == "direct" else " (a session-mode pooler)"
         if received.is_set():
-            report.add("ok", "listener", f"LISTEN/NOTIFY round trip through {mask_url(url)}")
+            report.add("ok", "listener", f"LISTEN/NOTIFY round trip through {where}{via}")
         else:
             report.add(
                 "fail",
                 "listener",
-                f"a NOTIFY sent through {mask_url(url)} did not come back within "
-                f"{SELF_TEST_TIMEOUT:g} s: PGREACT_LISTEN_URL probably goes through a "
-                "transaction-mode pooler; point it at PostgreSQL directly or at a "
-                "session-mode pool",
+                f"a NOTIFY sent to {where}{via} did not come back within "
+                f"{SELF_TEST_TIMEOUT:g} s: it probably goes through a transaction-mode pooler; "
+                f"{_LISTEN_FIX}",
             )
     except Exception as exc:
-        report.add("fail", "listener", f"LISTEN failed on {mask_url(url)}: {exc}")
+        report.add("fail", "listener", f"LISTEN failed on {where}: {_first_line(exc)}")
     finally:
         await conn.aclose()

@@ -7,7 +7,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import anyio
 import click
@@ -39,8 +39,23 @@ def _run(main: Callable[[], Awaitable[T]]) -> T:
     try:
         return anyio.run(main, backend="asyncio", backend_options=_loop_options())
     except PgreactError as exc:
-        click.echo(f"pgreact: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        _fail(exc)
+    except BaseExceptionGroup as group:
+        # A task group wraps what its tasks raise; our own errors still deserve a clear line.
+        mine, _ = group.split(PgreactError)
+        if mine is None:
+            raise
+        _fail(_first_leaf(mine))
+
+
+def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+def _fail(exc: BaseException) -> NoReturn:
+    click.echo(f"pgreact: error: {exc}", err=True)
+    sys.exit(exc.exit_code if isinstance(exc, PgreactError) else 1)
 
 
 def _loop_options() -> dict[str, Any]:
@@ -362,7 +377,20 @@ async def _store_connection(settings: Settings) -> AsyncIterator[tuple[AsyncConn
         except Exception as exc:
             raise _database_error("connect", exc) from exc
         try:
+            from service.errors import SchemaError
+            from service.installer import schema_version
+
+            if await schema_version(conn, settings.schema_name) == 0:
+                raise SchemaError(
+                    f"pgreact is not installed in schema {settings.schema_name!r} of this "
+                    "database: run `pgreact install` first (or check PGREACT_SCHEMA)"
+                )
+            await conn.commit()
             yield conn, Store(settings.schema_name)
+        except PgreactError:
+            raise
+        except Exception as exc:
+            raise _database_error("query", exc) from exc
         finally:
             await conn.close()
     finally:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import socket
+from dataclasses import dataclass
+from typing import Any
+
 import sqlalchemy.exc
 from sqlalchemy import event
-from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from service.settings import Settings
@@ -71,52 +76,142 @@ def connection_is_suspect(exc: BaseException) -> bool:
     return is_transient(exc)
 
 
-def create_write_engine(settings: Settings, *, application_name: str | None = None) -> AsyncEngine:
-    """The pooled SQLAlchemy engine handlers write through.
+# TCP keepalives on every write connection: a cloud load balancer or NAT between the pod and
+# the database (or PgBouncer) silently forgets idle flows (AWS NLB after 350 s, Azure after 4
+# min by default). Probing after 60 s of silence keeps the flow alive, and a peer that vanished
+# is noticed after 60 + 5 x 10 s instead of the kernel's default two hours.
+KEEPALIVE_IDLE = 60
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_COUNT = 5
 
-    Server-side timeouts back up the client-side handler timeout: a statement cannot outlive it
-    and a transaction cannot sit idle much longer, so a hung handler never pins a connection.
-    Behind a transaction-mode pooler, startup options are not allowed, so they are left out.
+
+@dataclass(frozen=True, slots=True)
+class WriteTimeouts:
+    """The time limits of the write engine, all derived from the handler timeout.
+
+    ``statement`` and ``idle_in_transaction`` are server-side (milliseconds) and back up the
+    client-side handler timeout: a statement cannot outlive it and a transaction cannot sit idle
+    much longer, so a hung handler never pins a connection. ``command`` (asyncpg only, seconds)
+    is the same limit on the client: it also ends a query whose server went silent (a half-open
+    connection), where no server-side timeout can fire. It is a little longer than the
+    server's, so the server's clearer error normally wins.
+    """
+
+    statement_ms: int
+    idle_in_transaction_ms: int
+    command: float
+    connect: float
+
+    @classmethod
+    def of(cls, settings: Settings) -> WriteTimeouts:
+        override = getattr(settings, "command_timeout", None)  # a future PGREACT_COMMAND_TIMEOUT
+        command = (
+            float(override)
+            if isinstance(override, int | float) and override > 0
+            else settings.handler_timeout + 2
+        )
+        return cls(
+            statement_ms=int((settings.handler_timeout + 1) * 1000),
+            idle_in_transaction_ms=int((settings.handler_timeout + 5) * 1000),
+            command=command,
+            connect=settings.connect_timeout,
+        )
+
+
+def write_connect_args(
+    settings: Settings, *, application_name: str | None = None
+) -> dict[str, Any]:
+    """The DBAPI arguments of the write engine, per driver and pooler mode.
+
+    Parameters given in the URL's query string win (``?command_timeout=60``,
+    ``?keepalives_idle=30``): the URL is passed through verbatim and only what it leaves unset is
+    filled in here.
+
+    ``PGREACT_POOLER=pgbouncer-transaction`` (PgBouncer in transaction mode hands each
+    *transaction* to any of its server connections, so nothing may outlive one):
+
+    - no server-side prepared statements. asyncpg: ``statement_cache_size=0`` makes asyncpg
+      prepare every statement *unnamed* (it is parsed and run inside the same transaction, so on
+      the same server connection), and SQLAlchemy's own cache of prepared statement objects,
+      ``prepared_statement_cache_size`` (a DBAPI argument of its asyncpg adapter, read from
+      ``connect_args`` or the URL), is off too. With both at 0 no name is ever generated, so a
+      ``prepared_statement_name_func`` is not needed. psycopg: ``prepare_threshold=None``.
+    - no startup parameters besides ``application_name``: PgBouncer refuses ``options`` and
+      unknown parameters such as ``statement_timeout``. Server-side timeouts then come from the
+      role (``ALTER ROLE … SET statement_timeout``; ``pgreact check`` says when they are missing)
+      or PgBouncer's ``query_timeout``/``idle_transaction_timeout``; see docs/pgbouncer.md.
     """
     app = application_name or settings.application_name
-    statement_ms = int((settings.handler_timeout + 1) * 1000)
-    idle_ms = int((settings.handler_timeout + 5) * 1000)
-    url = settings.require_database_url()
-    connect_args: dict[str, object]
+    pooled = settings.pooler != "none"
+    limits = WriteTimeouts.of(settings)
+    url = make_url(settings.require_database_url())
+    given = set(url.query)
+    args: dict[str, Any]
     if settings.write_driver == "asyncpg":
         server_settings = {"application_name": app}
-        if settings.pooler == "none":
+        if not pooled:
             server_settings |= {
-                "statement_timeout": str(statement_ms),
-                "idle_in_transaction_session_timeout": str(idle_ms),
+                "statement_timeout": str(limits.statement_ms),
+                "idle_in_transaction_session_timeout": str(limits.idle_in_transaction_ms),
             }
-        connect_args = {"server_settings": server_settings, "timeout": settings.connect_timeout}
-        if settings.pooler != "none":
-            connect_args["statement_cache_size"] = 0
-            connect_args["prepared_statement_cache_size"] = 0
-    else:
-        connect_args = {
-            "application_name": app,
-            "connect_timeout": max(1, int(settings.connect_timeout)),
+        args = {
+            "server_settings": server_settings,
+            "timeout": limits.connect,
+            "command_timeout": limits.command,
         }
-        if settings.pooler == "none":
-            connect_args["options"] = (
-                f"-c statement_timeout={statement_ms} "
-                f"-c idle_in_transaction_session_timeout={idle_ms}"
-            )
+        if pooled:
+            args |= {"statement_cache_size": 0, "prepared_statement_cache_size": 0}
+    else:
+        args = {
+            "application_name": app,
+            "connect_timeout": max(1, math.ceil(limits.connect)),
+            "keepalives": 1,
+            "keepalives_idle": KEEPALIVE_IDLE,
+            "keepalives_interval": KEEPALIVE_INTERVAL,
+            "keepalives_count": KEEPALIVE_COUNT,
+        }
+        if pooled:
+            args["prepare_threshold"] = None
         else:
-            connect_args["prepare_threshold"] = None
+            args["options"] = (
+                f"-c statement_timeout={limits.statement_ms} "
+                f"-c idle_in_transaction_session_timeout={limits.idle_in_transaction_ms}"
+            )
+    return {k: v for k, v in args.items() if k not in given}
+
+
+def create_write_engine(settings: Settings, *, application_name: str | None = None) -> AsyncEngine:
+    """The pooled SQLAlchemy engine handlers write through (see :func:`write_connect_args`)."""
     engine = create_async_engine(
-        url,
+        settings.require_database_url(),
         pool_size=settings.pool_size,
         max_overflow=settings.max_overflow,
         pool_timeout=settings.pool_timeout,
         pool_recycle=settings.pool_recycle,
         pool_pre_ping=settings.pool_pre_ping,
-        connect_args=connect_args,
+        connect_args=write_connect_args(settings, application_name=application_name),
     )
     event.listen(engine.sync_engine, "handle_error", _recognise_disconnects)
+    if settings.write_driver == "asyncpg":
+        # asyncpg has no keepalive parameters (libpq's are psycopg's): set them on the socket.
+        event.listen(engine.sync_engine, "connect", _asyncpg_keepalives)
     return engine
+
+
+def _asyncpg_keepalives(dbapi_connection: Any, _record: object) -> None:
+    transport = getattr(getattr(dbapi_connection, "driver_connection", None), "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return  # a Unix socket (or an asyncpg without ``_transport``): nothing to keep alive
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+    ):
+        option = getattr(socket, name, None)
+        if option is not None:  # Linux and most BSDs; macOS lacks TCP_KEEPIDLE
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 def _recognise_disconnects(context: ExceptionContext) -> None:

@@ -154,6 +154,7 @@ class Dispatcher:
         self._stopping = False
         self._retry_due: dict[str, float] = {}
         self._idle: set[str] = set()
+        self._suspect_inflight = False
         self._arming = False
         self._tg: anyio.abc.TaskGroup | None = None
         self._last_error_log: dict[str, float] = {}
@@ -274,11 +275,22 @@ class Dispatcher:
         unit = _Unit(handler, self._token_base + self._token_seq)
         self._units[unit.token] = unit
         started = False
+        holds_suspect = False
         reason: BaseException | str = "interrupted by shutdown before it finished"
         try:
             async with self._engine.connect() as first:
+                # At most one suspect (an event that failed or was abandoned before) in
+                # flight per process: if it kills the process, nothing else is blamed.
+                take_suspect = not self._suspect_inflight
+                self._suspect_inflight = True
+                holds_suspect = take_suspect
                 try:
-                    claimed = await self._store.claim(first, handler.name, limit, unit.token)
+                    claimed = await self._store.claim(
+                        first, handler.name, limit, unit.token, suspects=int(take_suspect)
+                    )
+                    holds_suspect = take_suspect and any(c.failed_before for c in claimed)
+                    if take_suspect and not holds_suspect:
+                        self._suspect_inflight = False
                 except Exception as exc:
                     if connection_is_suspect(exc):
                         await first.invalidate()  # never hand a broken connection back
@@ -304,6 +316,9 @@ class Dispatcher:
             # deadline) is given back with its attempt refunded.
             if unit.open_ids:
                 await self._give_back(unit, reason)
+            if holds_suspect:
+                self._suspect_inflight = False
+                self.wake()  # other handlers' suspects may be waiting for their turn
             self._units.pop(unit.token, None)
             self._slots.release()
             self._check_idle()

@@ -82,11 +82,14 @@ async def serve_http(
     app: HealthApp,
     host: str,
     port: int,
+    shutdown: anyio.Event,
     *,
     task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled. The socket is bound here so port 0 works and the real port is
-    reported through ``task_status`` before the first request can arrive."""
+    """Serve until ``shutdown`` is set, then close connections gracefully (cancelling Hypercorn
+    with keep-alive connections open leaves its futures in a bad state). The socket is bound
+    here so port 0 works and the real port is reported through ``task_status`` before the
+    first request can arrive."""
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
@@ -103,8 +106,7 @@ async def serve_http(
         config.accesslog = None
         config.errorlog = None
         config.graceful_timeout = 1.0
-        never = anyio.Event()
         task_status.started(sock.getsockname()[1])
-        await serve(app, config, shutdown_trigger=never.wait)  # type: ignore[arg-type]
+        await serve(app, config, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
     finally:
         sock.close()

@@ -176,6 +176,10 @@ async def plan(
         stale_tables = [t for t in existing if t not in handlers_by_table]
         if prune:
             for name in stale_subs:
+                # Its queued events (dead letters included) have no consumer any more.
+                result.statements.append(
+                    f"DELETE FROM {s}.queue WHERE handler = {quote_literal(name)}"
+                )
                 result.statements.append(
                     f"DELETE FROM {s}.subscriptions WHERE handler = {quote_literal(name)}"
                 )
@@ -189,7 +193,7 @@ async def plan(
             for name in stale_subs:
                 result.notes.append(
                     f"handler {name!r} is subscribed but not loaded: its events accumulate; "
-                    "run `pgreact install --prune` to remove it"
+                    "run `pgreact install --prune` to remove it and its queued events"
                 )
             for table in stale_tables:
                 result.notes.append(

@@ -23,7 +23,7 @@ NotifyHandlerFunc = Callable[[Notification], Awaitable[None]]
 F = TypeVar("F", bound=Callable[..., Awaitable[None]])
 
 DEFAULT_BATCH_MAX_SIZE = 100
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,200}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +206,7 @@ class Router:
 
 def _handler_name(func: Callable[..., Any], name: str | None) -> str:
     result = name or f"{func.__module__}.{func.__qualname__}"
-    if not _NAME_RE.match(result):
+    if not _NAME_RE.fullmatch(result):
         raise RouterError(
             f"handler name {result!r} is not allowed: use 1-200 letters, digits and _.:-"
         )

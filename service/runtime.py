@@ -84,13 +84,25 @@ class Daemon:
             lease_seconds=_lease_seconds(s),
         )
         durable = self.router.durable
+        # Each handler transaction in flight holds a pooled connection; keep one back for the
+        # housekeeping queries and the readiness ping, or a busy pod would look unready.
+        capacity = max(1, s.pool_size + s.max_overflow - 1)
+        concurrency = min(s.concurrency, capacity)
+        if concurrency < s.concurrency:
+            log.info(
+                "concurrency_capped",
+                requested=s.concurrency,
+                effective=concurrency,
+                hint="raise PGREACT_POOL_SIZE/PGREACT_MAX_OVERFLOW to run more handler "
+                "transactions at once",
+            )
         dispatcher = Dispatcher(
             engine,
             store,
             durable,
             self.metrics,
             DispatchConfig(
-                concurrency=s.concurrency,
+                concurrency=concurrency,
                 batch_size=s.batch_size,
                 handler_timeout=s.handler_timeout,
             ),
@@ -163,6 +175,8 @@ class Daemon:
             metrics.prime_handler(handler.name)
         for nh in self.router.notify:
             metrics.events_handled.labels(nh.name, "ok")
+        for channel in [wake_channel, *notify.channels]:
+            metrics.notifications_received.labels(channel)
         metrics.observe_pool(lambda: _pool_snapshot(engine))
 
         async def queue_usage() -> None:
@@ -182,7 +196,18 @@ class Daemon:
             owner=self.owner,
         )
         async with anyio.create_task_group() as tg:
-            self.http_port = await tg.start(serve_http, app, s.http_host, s.http_port)
+            http_shutdown = anyio.Event()
+            http_done = anyio.Event()
+
+            async def run_http(*, task_status: TaskStatus[int]) -> None:
+                try:
+                    await serve_http(
+                        app, s.http_host, s.http_port, http_shutdown, task_status=task_status
+                    )
+                finally:
+                    http_done.set()
+
+            self.http_port = await tg.start(run_http)
             tg.start_soon(listener.run, name="listener")
             tg.start_soon(notify.run, name="notify")
             tg.start_soon(housekeeper.run, name="housekeeping")
@@ -208,6 +233,9 @@ class Daemon:
                 log.warning("drain_timeout", detail="cancelling in-flight handlers")
                 dispatch_scope.cancel()
                 await dispatch_done.wait()
+            http_shutdown.set()
+            with anyio.move_on_after(3):
+                await http_done.wait()
             tg.cancel_scope.cancel()
         notify.close()
         log.info("stopped")

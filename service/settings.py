@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from service.errors import ConfigError
 
@@ -105,6 +107,11 @@ class Settings(BaseSettings):
             return None
         if not (_URL_DRIVER.match(value) or _PLAIN_URL.match(value)):
             raise ValueError("is not a postgresql:// URL")
+        try:
+            parsed = make_url(value)
+            _ = parsed.port  # a non-numeric port only fails when read
+        except (ArgumentError, ValueError) as exc:
+            raise ValueError(f"is not a valid URL ({mask_url(str(exc))})") from None
         return value
 
     @model_validator(mode="after")
@@ -172,8 +179,10 @@ def libpq_url(url: str) -> str:
 
 
 def mask_url(url: str) -> str:
-    """Hide the password in a URL for logs, errors and status output."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    """Hide the password in a URL for logs, errors and status output (``user:pass@`` as well
+    as a ``password=`` query parameter or keyword)."""
+    masked = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    return re.sub(r"(?i)(\bpassword=)[^&\s]*", r"\1***", masked)
 
 
 def load_settings(

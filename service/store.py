@@ -97,23 +97,32 @@ class Store:
         self.lease_seconds = lease_seconds
         # Head of line: a delivery is claimable only when no earlier live delivery of the same
         # key exists for the handler — leased elsewhere, waiting for a retry, or not yet run.
+        # Deliveries that failed or were abandoned before ("suspects") come at most one per
+        # claim, and the dispatcher keeps at most one in flight per process: if a suspect kills
+        # the process, no other suspect is charged for it (see the reaper).
+        ready = f"""
+                q.handler = :handler AND q.dead_at IS NULL AND q.lease_until IS NULL
+                AND q.run_at <= now()
+                AND (q.order_key IS NULL OR NOT EXISTS (
+                      SELECT 1 FROM {q} p
+                      WHERE p.handler = q.handler AND p.order_key = q.order_key
+                        AND p.id < q.id AND p.dead_at IS NULL))"""
         self._claim = text(f"""
-            WITH picked AS (
+            WITH fresh AS (
                 SELECT q.id FROM {q} q
-                WHERE q.handler = :handler AND q.dead_at IS NULL AND q.lease_until IS NULL
-                  AND q.run_at <= now()
-                  AND (q.order_key IS NULL OR NOT EXISTS (
-                        SELECT 1 FROM {q} p
-                        WHERE p.handler = q.handler AND p.order_key = q.order_key
-                          AND p.id < q.id AND p.dead_at IS NULL))
-                ORDER BY q.id
-                LIMIT :limit
+                WHERE {ready} AND q.last_error IS NULL
+                ORDER BY q.id LIMIT :limit
+                FOR UPDATE SKIP LOCKED
+            ), suspect AS (
+                SELECT q.id FROM {q} q
+                WHERE {ready} AND q.last_error IS NOT NULL
+                ORDER BY q.id LIMIT :suspects
                 FOR UPDATE SKIP LOCKED
             )
             UPDATE {q} q
             SET attempts = q.attempts + 1, owner = :owner, claim_token = :token,
                 lease_until = now() + make_interval(secs => CAST(:lease AS float8))
-            FROM picked WHERE q.id = picked.id
+            WHERE q.id IN (SELECT id FROM fresh UNION ALL SELECT id FROM suspect)
             RETURNING q.id, q.change_id, q.table_name, q.op, q.row_key,
                       q.new_row::text, q.old_row::text, q.created_at, q.attempts,
                       q.last_error IS NOT NULL
@@ -151,18 +160,23 @@ class Store:
             WHERE id = ANY(CAST(:ids AS bigint[])) AND claim_token = :token
         """)
         # Claims whose owner is gone (no presence lock), whose lease ran out, or that this
-        # process itself no longer works on (e.g. lost with a connection). Others' claims
-        # count as a spent attempt (the process may have died because of the event); our own
-        # abandoned claims are given back.
+        # process itself no longer works on (e.g. lost with a connection) go back to the queue.
+        # Who pays for a crash: a process that dies had a whole batch in flight, and only one
+        # event (if any) killed it. A delivery that had never failed is refunded and marked, so
+        # its next run is isolated (one per transaction); a delivery that was already isolated
+        # when its process died is charged the attempt — so a crash loop still ends in the
+        # dead-letter state, one crash later than a plain failure would.
         self._reap = text(f"""
             UPDATE {q} q
             SET owner = NULL, claim_token = NULL, lease_until = NULL,
-                attempts = q.attempts - CASE WHEN q.owner = :me THEN 1 ELSE 0 END,
+                attempts = q.attempts - CASE
+                    WHEN q.owner <> :me AND q.last_error IS NOT NULL THEN 0 ELSE 1 END,
                 last_error = CASE WHEN q.owner = :me THEN q.last_error
                     ELSE 'claim abandoned: the process handling attempt ' || q.attempts
                          || ' stopped without finishing it' END,
                 failed_at = CASE WHEN q.owner = :me THEN q.failed_at ELSE now() END,
-                dead_at = CASE WHEN q.owner <> :me AND q.attempts >= :max THEN now() END
+                dead_at = CASE WHEN q.owner <> :me AND q.last_error IS NOT NULL
+                                    AND q.attempts >= :max THEN now() END
             WHERE q.lease_until IS NOT NULL AND q.dead_at IS NULL
               AND (q.lease_until < now()
                    OR (q.owner = :me AND q.claim_token <= :watermark
@@ -190,14 +204,16 @@ class Store:
     # -- the hot path ---------------------------------------------------------------------
 
     async def claim(
-        self, conn: AsyncConnection, handler: str, limit: int, token: int
+        self, conn: AsyncConnection, handler: str, limit: int, token: int, suspects: int = 1
     ) -> list[Claimed]:
-        """Lease up to ``limit`` deliveries and commit, so the attempt is on record."""
+        """Lease up to ``limit`` fresh deliveries and up to ``suspects`` that failed before, and
+        commit, so the attempt is on record."""
         result = await conn.execute(
             self._claim,
             {
                 "handler": handler,
                 "limit": limit,
+                "suspects": suspects,
                 "owner": self.owner,
                 "token": token,
                 "lease": self.lease_seconds,

@@ -17,9 +17,9 @@ import psycopg
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from service import installer
+from service.logging import configure_logging
 from service.router import Router
 from service.runtime import Daemon
-from service.logging import configure_logging
 from service.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,6 +159,7 @@ def spawn_daemon(env: Mapping[str, str], log_path: Path) -> subprocess.Popen[byt
         stderr=subprocess.STDOUT,
         cwd=ROOT,
     )
+
 
 # The daemon under test logs like in production, minus the debug chatter.
 configure_logging("console", os.environ.get("PGREACT_TEST_LOG_LEVEL", "WARNING"))

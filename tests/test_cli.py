@@ -144,11 +144,6 @@ def test_configuration_and_usage_errors_exit_2_naming_the_setting(tmp_path: Path
     assert not problems, "\n\n".join(problems)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a malformed PGREACT_DATABASE_URL (non-numeric port) passes validation and "
-    "the commands die with a bare ValueError traceback (exit 1) instead of exit 2",
-)
 def test_malformed_database_url_exits_2() -> None:
     url = f"postgresql+asyncpg://postgres:{PASSWORD}@127.0.0.1:notaport/db"
     result = cli("status", env={"PGREACT_DATABASE_URL": url})
@@ -174,12 +169,6 @@ def test_run_before_install_exits_1_and_says_to_install(pg_dsn: str, driver: str
     assert "run `pgreact install`" in result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: before `pgreact install`, `run` dies with an ExceptionGroup traceback (the "
-    "SchemaError is wrapped by the task group, so _run's `except PgreactError` misses it) and "
-    "`status` with a raw ProgrammingError traceback (relation pgreact.queue does not exist)",
-)
 def test_commands_before_install_fail_cleanly(pg_dsn: str, driver: str) -> None:
     env = db_env(pg_dsn, driver)
     commands = (["run"], ["status"])

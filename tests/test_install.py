@@ -412,11 +412,6 @@ async def test_prune_removes_triggers_and_subscriptions_no_longer_handled(
     assert catalog(pg_dsn) == snapshot
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: --prune deletes a stale handler's subscription but leaves its queued events, "
-    "which nothing can consume any more and which `status` keeps reporting forever",
-)
 async def test_prune_drops_the_backlog_of_removed_handlers(pg_dsn: str, sa_url: str) -> None:
     sql(pg_dsn, "CREATE TABLE t1 (id int PRIMARY KEY); CREATE TABLE t2 (id int PRIMARY KEY)")
     before, after = pruning_routers()

@@ -245,11 +245,6 @@ def test_retry_max_below_retry_base_names_both() -> None:
     assert "PGREACT_RETRY_BASE" in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: PGREACT_DATABASE_URL is only checked for its scheme; a malformed URL passes "
-    "and later fails with a bare ValueError traceback instead of a ConfigError",
-)
 @pytest.mark.parametrize(
     "url", ["postgresql+asyncpg://app@db:notaport/app", "postgresql+psycopg://app@db:5x/app"]
 )
@@ -374,11 +369,6 @@ def test_mask_url_leaves_urls_without_password_alone(url: str) -> None:
     assert mask_url(url) == url
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: mask_url only masks user:password@; a password given as a query parameter "
-    "(valid for libpq, asyncpg and SQLAlchemy) is printed in logs and `check` output",
-)
 def test_mask_url_hides_a_password_query_parameter() -> None:
     masked = mask_url("postgresql+asyncpg://app@db:5432/app?sslmode=require&password=s3cr3t")
     assert "s3cr3t" not in masked
