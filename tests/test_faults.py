@@ -17,27 +17,13 @@ from service import Event, Router
 from tests.conftest import TestServer, create_database, to_sa_url
 from tests.faults.proxy import TcpProxy
 from tests.faults.workload import Verdict, Workload, recovery_time, report, verdict
+from tests.handlers.common import EFFECT, effect_row
 from tests.support import create_tables, install, make_settings, running, sql, wait_until
 
 pytestmark = pytest.mark.anyio
 
 SCALE = float(os.environ.get("PGREACT_CHAOS_SCALE", "1"))
-EFFECT = text(
-    "INSERT INTO effects (handler, event_id, k, op, v, attempt) VALUES (:h, :e, :k, :op, :v, :a)"
-)
 HANDLERS = ("single", "batch")
-
-
-def _row(handler: str, event: Event) -> dict[str, object]:
-    image = event.new or event.old or {}
-    return {
-        "h": handler,
-        "e": event.id,
-        "k": event.key,
-        "op": event.op,
-        "v": image.get("v"),
-        "a": event.attempt,
-    }
 
 
 def chaos_router() -> Router:
@@ -45,11 +31,11 @@ def chaos_router() -> Router:
 
     @router.on("source", name="single")
     async def single(event: Event, session: AsyncSession) -> None:
-        await session.execute(EFFECT, _row("single", event))
+        await session.execute(EFFECT, effect_row("single", event))
 
     @router.on_batch("source", name="batch", max_size=50)
     async def batch(events: Sequence[Event], session: AsyncSession) -> None:
-        await session.execute(EFFECT, [_row("batch", e) for e in events])
+        await session.execute(EFFECT, [effect_row("batch", e) for e in events])
 
     return router
 
@@ -241,7 +227,7 @@ async def test_transient_errors_are_retried_without_spending_attempts(
 
     @router.on("source", name="flaky")
     async def flaky(event: Event, session: AsyncSession) -> None:
-        await session.execute(EFFECT, _row("flaky", event))
+        await session.execute(EFFECT, effect_row("flaky", event))
         if failures["left"] > 0:
             failures["left"] -= 1
             await session.execute(

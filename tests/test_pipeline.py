@@ -12,6 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import Event, Notification, Router
+from tests.handlers.common import EFFECT, effect_row
 from tests.support import (
     create_tables,
     effect_counts,
@@ -25,33 +26,17 @@ from tests.support import (
 
 pytestmark = pytest.mark.anyio
 
-EFFECT = text(
-    "INSERT INTO effects (handler, event_id, k, op, v, attempt) VALUES (:h, :e, :k, :op, :v, :a)"
-)
-
-
-def effect(handler: str, event: Event) -> dict[str, object]:
-    image = event.new or event.old or {}
-    return {
-        "h": handler,
-        "e": event.id,
-        "k": event.key,
-        "op": event.op,
-        "v": image.get("v"),
-        "a": event.attempt,
-    }
-
 
 def effects_router() -> Router:
     router = Router()
 
     @router.on("source", name="single")
     async def single(event: Event, session: AsyncSession) -> None:
-        await session.execute(EFFECT, effect("single", event))
+        await session.execute(EFFECT, effect_row("single", event))
 
     @router.on_batch("public.source", name="batch", max_size=64)
     async def batch(events: Sequence[Event], session: AsyncSession) -> None:
-        await session.execute(EFFECT, [effect("batch", e) for e in events])
+        await session.execute(EFFECT, [effect_row("batch", e) for e in events])
 
     return router
 
@@ -127,13 +112,13 @@ async def test_failing_handler_retries_then_dead_letters_without_hurting_others(
     async def picky(event: Event, session: AsyncSession) -> None:
         attempts[str(event.key)] += 1
         calls.append((event.key, event.attempt))
-        await session.execute(EFFECT, effect("picky", event))  # rolled back when we raise
+        await session.execute(EFFECT, effect_row("picky", event))  # rolled back when we raise
         if event.key in poison:
             raise ValueError(f"cannot handle {event.key}")
 
     @router.on("source", name="calm")
     async def calm(event: Event, session: AsyncSession) -> None:
-        await session.execute(EFFECT, effect("calm", event))
+        await session.execute(EFFECT, effect_row("calm", event))
 
     await install(sa_url, router)
     settings = make_settings(sa_url, max_attempts=3)
@@ -177,7 +162,7 @@ async def test_batch_handler_isolates_the_failing_event(pg_dsn: str, sa_url: str
     async def bulk(events: Sequence[Event], session: AsyncSession) -> None:
         if any(e.key == "77" for e in events):
             raise RuntimeError("77 is poison")
-        await session.execute(EFFECT, [effect("bulk", e) for e in events])
+        await session.execute(EFFECT, [effect_row("bulk", e) for e in events])
 
     await install(sa_url, router)
     async with running(make_settings(sa_url, max_attempts=2), router):
@@ -200,7 +185,7 @@ async def test_hanging_handler_times_out_and_the_queue_keeps_moving(
             await anyio.sleep(3600)  # a Python-level hang
         if event.key == "6":
             await session.execute(text("SELECT pg_sleep(3600)"))  # an SQL-level hang
-        await session.execute(EFFECT, effect("sleepy", event))
+        await session.execute(EFFECT, effect_row("sleepy", event))
 
     await install(sa_url, router)
     settings = make_settings(sa_url, handler_timeout=0.5, max_attempts=2)
@@ -230,7 +215,7 @@ async def test_per_key_order_holds_with_concurrency(pg_dsn: str, sa_url: str) ->
     @router.on("source", name="ordered")
     async def ordered(event: Event, session: AsyncSession) -> None:
         await anyio.sleep(0.001 * (hash(event.id) % 3))  # jitter interleavings across keys
-        await session.execute(EFFECT, effect("ordered", event))
+        await session.execute(EFFECT, effect_row("ordered", event))
 
     await install(sa_url, router)
     settings = make_settings(sa_url, concurrency=8, batch_size=5)
@@ -331,7 +316,7 @@ async def test_a_handler_that_commits_fails_loudly_and_nothing_is_doubled(
 
     @router.on("source", name="committer")
     async def committer(event: Event, session: AsyncSession) -> None:
-        await session.execute(EFFECT, effect("committer", event))
+        await session.execute(EFFECT, effect_row("committer", event))
         await session.commit()
 
     await install(sa_url, router)

@@ -12,32 +12,16 @@ import os
 from collections.abc import Sequence
 
 import anyio
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import Event, Router
+from tests.handlers.common import EFFECT, effect_row
 
 router = Router()
 
-INSERT = text(
-    "INSERT INTO effects (handler, event_id, k, op, v, attempt) "
-    "VALUES (:h, :e, :k, :op, :v, :a)"
-)
 FAIL_KEYS = {k for k in os.environ.get("PGREACT_TEST_FAIL_KEYS", "").split(",") if k}
 SLEEP = float(os.environ.get("PGREACT_TEST_SLEEP", "0") or 0)
 CRASH_KEY = os.environ.get("PGREACT_TEST_CRASH_KEY", "")
-
-
-def _row(handler: str, event: Event) -> dict[str, object]:
-    image = event.new or event.old or {}
-    return {
-        "h": handler,
-        "e": event.id,
-        "k": event.key,
-        "op": event.op,
-        "v": image.get("v"),
-        "a": event.attempt,
-    }
 
 
 @router.on("public.source", name="single")
@@ -48,11 +32,11 @@ async def single(event: Event, session: AsyncSession) -> None:
         raise RuntimeError(f"refusing key {event.key}")
     if SLEEP:
         await anyio.sleep(SLEEP)
-    await session.execute(INSERT, _row("single", event))
+    await session.execute(EFFECT, effect_row("single", event))
 
 
 @router.on_batch("public.source", name="batch", max_size=50)
 async def batch(events: Sequence[Event], session: AsyncSession) -> None:
     if SLEEP:
         await anyio.sleep(SLEEP)
-    await session.execute(INSERT, [_row("batch", e) for e in events])
+    await session.execute(EFFECT, [effect_row("batch", e) for e in events])
