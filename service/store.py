@@ -122,7 +122,9 @@ class Store:
             UPDATE {q} q
             SET attempts = q.attempts + 1, owner = :owner, claim_token = :token,
                 lease_until = now() + make_interval(secs => CAST(:lease AS float8))
-            WHERE q.id IN (SELECT id FROM fresh UNION ALL SELECT id FROM suspect)
+            -- an array, not a join: the ids are computed once and the update probes the
+            -- primary key (a join sometimes got a plan that scanned the whole queue)
+            WHERE q.id = ANY(ARRAY(SELECT id FROM fresh UNION ALL SELECT id FROM suspect))
             RETURNING q.id, q.change_id, q.table_name, q.op, q.row_key,
                       q.new_row::text, q.old_row::text, q.created_at, q.attempts,
                       q.last_error IS NOT NULL
