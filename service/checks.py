@@ -142,7 +142,7 @@ class _ProbeConnection:
         if self._driver == "asyncpg":
             await self._conn.execute(statement)
         else:
-            await self._conn.execute(statement.encode(), prepare=False)
+            await self._conn.execute(statement, prepare=False)
 
     async def backend_pid(self) -> int:
         """``pg_backend_pid()`` of the server connection serving this statement."""
@@ -206,11 +206,15 @@ async def probe_route(
         reported = a.reported_pid
     finally:
         await a.aclose()
-    if b1 == a1 or a2 != a1:
+    if b1 == a1:
         return Route(
             "transaction",
-            f"one client was served by server processes {a1} and {a2}, and process {a1} then "
-            f"served another client ({b1})",
+            f"server process {a1} served one client, then another once the first one's "
+            "transaction ended",
+        )
+    if a2 != a1:
+        return Route(
+            "transaction", f"one client was served by server processes {a1} and {a2} in turn"
         )
     if reported != a1:
         return Route(

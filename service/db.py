@@ -85,6 +85,12 @@ KEEPALIVE_INTERVAL = 10
 KEEPALIVE_COUNT = 5
 
 
+def keepalive_idle(settings: Settings) -> int:
+    """Seconds of silence before the first keepalive probe; 0 turns keepalives off."""
+    value = getattr(settings, "tcp_keepalives_idle", None)  # a future PGREACT_TCP_KEEPALIVES_IDLE
+    return value if isinstance(value, int) and value >= 0 else KEEPALIVE_IDLE
+
+
 @dataclass(frozen=True, slots=True)
 class WriteTimeouts:
     """The time limits of the write engine, all derived from the handler timeout.
@@ -162,14 +168,18 @@ def write_connect_args(
         if pooled:
             args |= {"statement_cache_size": 0, "prepared_statement_cache_size": 0}
     else:
+        idle = keepalive_idle(settings)
         args = {
             "application_name": app,
             "connect_timeout": max(1, math.ceil(limits.connect)),
-            "keepalives": 1,
-            "keepalives_idle": KEEPALIVE_IDLE,
-            "keepalives_interval": KEEPALIVE_INTERVAL,
-            "keepalives_count": KEEPALIVE_COUNT,
+            "keepalives": 1 if idle else 0,
         }
+        if idle:
+            args |= {
+                "keepalives_idle": idle,
+                "keepalives_interval": KEEPALIVE_INTERVAL,
+                "keepalives_count": KEEPALIVE_COUNT,
+            }
         if pooled:
             args["prepare_threshold"] = None
         else:
@@ -192,20 +202,24 @@ def create_write_engine(settings: Settings, *, application_name: str | None = No
         connect_args=write_connect_args(settings, application_name=application_name),
     )
     event.listen(engine.sync_engine, "handle_error", _recognise_disconnects)
-    if settings.write_driver == "asyncpg":
+    idle = keepalive_idle(settings)
+    if settings.write_driver == "asyncpg" and idle:
         # asyncpg has no keepalive parameters (libpq's are psycopg's): set them on the socket.
-        event.listen(engine.sync_engine, "connect", _asyncpg_keepalives)
+        def keepalives(dbapi_connection: Any, _record: object) -> None:
+            _asyncpg_keepalives(dbapi_connection, idle)
+
+        event.listen(engine.sync_engine, "connect", keepalives)
     return engine
 
 
-def _asyncpg_keepalives(dbapi_connection: Any, _record: object) -> None:
+def _asyncpg_keepalives(dbapi_connection: Any, idle: int) -> None:
     transport = getattr(getattr(dbapi_connection, "driver_connection", None), "_transport", None)
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return  # a Unix socket (or an asyncpg without ``_transport``): nothing to keep alive
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for name, value in (
-        ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+        ("TCP_KEEPIDLE", idle),
         ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
         ("TCP_KEEPCNT", KEEPALIVE_COUNT),
     ):
