@@ -87,7 +87,7 @@ KEEPALIVE_COUNT = 5
 
 def keepalive_idle(settings: Settings) -> int:
     """Seconds of silence before the first keepalive probe; 0 turns keepalives off."""
-    value = getattr(settings, "tcp_keepalives_idle", None)  # a future PGREACT_TCP_KEEPALIVES_IDLE
+    value = settings.tcp_keepalives_idle
     return value if isinstance(value, int) and value >= 0 else KEEPALIVE_IDLE
 
 
@@ -110,7 +110,7 @@ class WriteTimeouts:
 
     @classmethod
     def of(cls, settings: Settings) -> WriteTimeouts:
-        override = getattr(settings, "command_timeout", None)  # a future PGREACT_COMMAND_TIMEOUT
+        override = settings.command_timeout
         command = (
             float(override)
             if isinstance(override, int | float) and override > 0

@@ -155,6 +155,7 @@ class Dispatcher:
         self._retry_due: dict[str, float] = {}
         self._idle: set[str] = set()
         self._suspect_inflight = False
+        self._suspect_denied = False
         self._arming = False
         self._tg: anyio.abc.TaskGroup | None = None
         self._last_error_log: dict[str, float] = {}
@@ -196,6 +197,13 @@ class Dispatcher:
         current = self._retry_due.get(handler)
         if current is None or due < current:
             self._retry_due[handler] = due
+
+    def _release_suspect_slot(self) -> None:
+        self._suspect_inflight = False
+        if self._suspect_denied:
+            # Some claim went without suspects while the slot was taken: let them try again.
+            self._suspect_denied = False
+            self.wake()
 
     # -- idle: re-arm the doorbell ----------------------------------------------------------
 
@@ -283,6 +291,7 @@ class Dispatcher:
                 # flight per process: if it kills the process, nothing else is blamed.
                 take_suspect = not self._suspect_inflight
                 self._suspect_inflight = True
+                self._suspect_denied |= not take_suspect
                 holds_suspect = take_suspect
                 try:
                     claimed = await self._store.claim(
@@ -290,7 +299,7 @@ class Dispatcher:
                     )
                     holds_suspect = take_suspect and any(c.failed_before for c in claimed)
                     if take_suspect and not holds_suspect:
-                        self._suspect_inflight = False
+                        self._release_suspect_slot()
                 except Exception as exc:
                     if connection_is_suspect(exc):
                         await first.invalidate()  # never hand a broken connection back
@@ -317,8 +326,7 @@ class Dispatcher:
             if unit.open_ids:
                 await self._give_back(unit, reason)
             if holds_suspect:
-                self._suspect_inflight = False
-                self.wake()  # other handlers' suspects may be waiting for their turn
+                self._release_suspect_slot()
             self._units.pop(unit.token, None)
             self._slots.release()
             self._check_idle()
@@ -455,7 +463,7 @@ class Dispatcher:
         self._log_error("transient_error", handler.name, error)
         ids = [c.delivery_id for c in group]
         db = await conn.get()
-        await self._store.fail_transient(db, ids, unit.token, _describe(error, 0))
+        await self._store.fail_transient(db, ids, unit.token)
         unit.open_ids.difference_update(ids)
         self._retry_at(handler.name, self._store.retry_base)
 
@@ -465,10 +473,7 @@ class Dispatcher:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             try:
                 async with self._engine.connect() as conn:
-                    message = error if isinstance(error, str) else _describe(error, 0)
-                    await self._store.fail_transient(
-                        conn, sorted(unit.open_ids), unit.token, message
-                    )
+                    await self._store.fail_transient(conn, sorted(unit.open_ids), unit.token)
                 unit.open_ids.clear()
             except Exception as exc:
                 self._log_error("give_back_failed", unit.handler.name, exc)

@@ -18,7 +18,11 @@ def _dumps(obj: object, default: object = None) -> str:
     return orjson.dumps(obj, default=str).decode()
 
 
-def configure_logging(fmt: Literal["json", "console"] = "json", level: str = "INFO") -> None:
+def configure_logging(
+    fmt: Literal["json", "console"] = "json", level: str = "INFO", *, cache: bool = True
+) -> None:
+    """Configure structlog and the standard logging module. ``cache=False`` keeps loggers
+    re-configurable (tests capture logs with ``structlog.testing``)."""
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         numeric = logging.INFO
@@ -41,7 +45,7 @@ def configure_logging(fmt: Literal["json", "console"] = "json", level: str = "IN
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=cache,
     )
     # Libraries that log through the standard module (psycopg, hypercorn, asyncio) are rendered
     # by the same processors, so every line on stderr is one JSON object in production.

@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     heartbeat_timeout: float = Field(default=5.0, gt=0)
     connect_timeout: float = Field(default=10.0, gt=0)
     stats_interval: float = Field(default=5.0, gt=0)
+    command_timeout: float | None = Field(default=None, gt=0)  # asyncpg; handler timeout + 2
+    tcp_keepalives_idle: int = Field(default=60, ge=0)  # 0 turns keepalives off
     application_name: str = "pgreact"
 
     @field_validator("log_level", mode="before")

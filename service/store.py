@@ -15,9 +15,11 @@ still counts and a crash loop ends in the dead-letter state. Every later write i
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, cast
 
 import orjson
@@ -70,7 +72,14 @@ class Reaped:
 
 def decode_row(raw: str | None) -> dict[str, Any] | None:
     """Row images travel as JSON text so both drivers decode them identically."""
-    return None if raw is None else cast(dict[str, Any], orjson.loads(raw))
+    if raw is None:
+        return None
+    try:
+        return cast(dict[str, Any], orjson.loads(raw))
+    except orjson.JSONDecodeError:
+        # orjson refuses numbers beyond a double's range (a numeric such as 1e400); the
+        # standard library keeps them exact as Decimal rather than failing the event forever.
+        return cast(dict[str, Any], json.loads(raw, parse_float=Decimal))
 
 
 class Store:
@@ -147,11 +156,12 @@ class Store:
             RETURNING dead_at IS NOT NULL, extract(epoch FROM run_at - now())
         """)
         # A transient failure (connection lost, serialization failure, …) is not the event's
-        # fault: the attempt is given back and the retry comes soon.
+        # fault: the attempt is given back, the retry comes soon, and last_error is left alone
+        # (it marks suspects; the failure is logged and counted instead).
         self._fail_transient = text(f"""
             UPDATE {q}
             SET owner = NULL, claim_token = NULL, lease_until = NULL,
-                attempts = greatest(attempts - 1, 0), last_error = :error, failed_at = now(),
+                attempts = greatest(attempts - 1, 0),
                 run_at = now() + make_interval(secs => CAST(:rbase AS float8) * random())
             WHERE id = ANY(CAST(:ids AS bigint[])) AND claim_token = :token
         """)
@@ -233,7 +243,7 @@ class Store:
                     key=r[4],
                     new=decode_row(r[5]),
                     old=decode_row(r[6]),
-                    created_at=r[7],
+                    created_at=r[7].astimezone(UTC),  # psycopg answers in the session's zone
                     attempt=r[8],
                 ),
                 failed_before=bool(r[9]),
@@ -268,17 +278,10 @@ class Store:
         await conn.commit()
         return None if row is None else (bool(row[0]), max(0.0, float(row[1] or 0)))
 
-    async def fail_transient(
-        self, conn: AsyncConnection, ids: Sequence[int], token: int, error: str
-    ) -> None:
+    async def fail_transient(self, conn: AsyncConnection, ids: Sequence[int], token: int) -> None:
+        """Give claims back after a transient failure: attempt refunded, retried soon."""
         await conn.execute(
-            self._fail_transient,
-            {
-                "ids": list(ids),
-                "token": token,
-                "error": error[:MAX_ERROR_LENGTH],
-                "rbase": self.retry_base,
-            },
+            self._fail_transient, {"ids": list(ids), "token": token, "rbase": self.retry_base}
         )
         await conn.commit()
 

@@ -162,4 +162,4 @@ def spawn_daemon(env: Mapping[str, str], log_path: Path) -> subprocess.Popen[byt
 
 
 # The daemon under test logs like in production, minus the debug chatter.
-configure_logging("console", os.environ.get("PGREACT_TEST_LOG_LEVEL", "WARNING"))
+configure_logging("console", os.environ.get("PGREACT_TEST_LOG_LEVEL", "WARNING"), cache=False)

@@ -173,11 +173,6 @@ def test_unsafe_handler_names_are_rejected(name: str) -> None:
         Router().on("orders", name=name)(module_level_handler)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: service/router.py _NAME_RE ends in `$`, which also matches before a trailing "
-    "newline, so a name like 'audit\\n' is accepted (use fullmatch or \\Z)",
-)
 def test_handler_name_with_a_trailing_newline_is_rejected() -> None:
     with pytest.raises(RouterError, match="name"):
         Router().on("orders", name="audit\n")(module_level_handler)
