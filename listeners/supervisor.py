@@ -242,6 +242,8 @@ class Listener:
         try:
             with anyio.fail_after(self._connect_timeout):
                 await conn.listen([*self.channels, self.heartbeat_channel])
+                stage = "delivery test"
+                await self._delivery_test()
                 stage = "first heartbeat"
                 await self._heartbeat(conn)
                 if self._on_connected is not None:
@@ -341,6 +343,37 @@ class Listener:
             self._heartbeat_waiter = None
         self.queue_usage = float(usage) if isinstance(usage, int | float) else 0.0
         self.last_heartbeat_ok = time.monotonic()
+
+    async def _delivery_test(self) -> None:
+        """A NOTIFY from *another* session must arrive. A session's own notifications come back
+        even through a transaction-mode pooler, so only this proves LISTEN really works on this
+        URL; it costs one short extra connection per (re)connect."""
+        self._heartbeat_seq += 1
+        token = str(self._heartbeat_seq)
+        echoed = anyio.Event()
+        self._heartbeat_waiter = (token, echoed)
+        try:
+            sender = await self._backend.connect(
+                self._dsn,
+                application_name=f"{self._application_name}-probe",
+                on_notification=lambda _note: None,
+                connect_timeout=self._connect_timeout,
+            )
+            try:
+                await sender.notify(self.heartbeat_channel, token)
+            finally:
+                await self._close(sender)
+            with anyio.fail_after(self._heartbeat_timeout):
+                await echoed.wait()
+        except TimeoutError as exc:
+            raise ListenerLost(
+                "a NOTIFY from another session was not delivered within "
+                f"{self._heartbeat_timeout:g}s: the listen URL goes through a transaction-mode "
+                "pooler; set PGREACT_LISTEN_URL to a URL that reaches PostgreSQL directly or "
+                "through a session-mode pool"
+            ) from exc
+        finally:
+            self._heartbeat_waiter = None
 
     def _dispatch(self, note: Notification) -> None:
         """The callback given to the backend: runs in the driver's callback, never blocks."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 import psycopg
+import structlog
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from service import installer
@@ -161,5 +162,18 @@ def spawn_daemon(env: Mapping[str, str], log_path: Path) -> subprocess.Popen[byt
     )
 
 
-# The daemon under test logs like in production, minus the debug chatter.
-configure_logging("console", os.environ.get("PGREACT_TEST_LOG_LEVEL", "WARNING"), cache=False)
+# The daemon under test logs like in production, minus the debug chatter. The level is applied
+# by a processor, not the logger wrapper, so `structlog.testing.capture_logs` (which replaces
+# the processors) still sees every level.
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "warn": 30, "error": 40, "critical": 50}
+_MIN_LEVEL = _LEVELS[os.environ.get("PGREACT_TEST_LOG_LEVEL", "WARNING").lower()]
+
+
+def _below_min_level(_logger: object, method: str, event: Any) -> Any:
+    if _LEVELS.get(method, 50) < _MIN_LEVEL:
+        raise structlog.DropEvent
+    return event
+
+
+configure_logging("console", "DEBUG", cache=False)
+structlog.configure(processors=[_below_min_level, *structlog.get_config()["processors"]])

@@ -645,7 +645,8 @@ async def test_stalled_on_connected_counts_as_failure() -> None:
         backoff=Backoff(0.01, 0.05),
     )
     async with running(listener):
-        assert backend.attempts == 2
+        # Each attempt opens the listening connection and a short-lived delivery-test sender.
+        assert backend.attempts == 4
     assert broker.connections == []
 
 
