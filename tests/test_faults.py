@@ -274,3 +274,39 @@ async def test_long_transaction_elsewhere(pg_dsn: str, sa_url: str) -> None:
             assert text_metrics is not None
         finally:
             blocker.close()
+
+
+# -- 16: unexpected input --------------------------------------------------------------------
+
+
+async def test_null_key_and_a_table_altered_then_dropped_while_handled(
+    pg_dsn: str, sa_url: str
+) -> None:
+    create_tables(pg_dsn)
+    router = Router()
+    seen: list[Event] = []
+
+    @router.on("source", name="by_v", key="v")  # v is NULL for some rows: those are unordered
+    async def by_v(event: Event, session: AsyncSession) -> None:
+        seen.append(event)
+        await session.execute(EFFECT, effect_row("by_v", event))
+
+    await install(sa_url, router)
+    async with running(make_settings(sa_url), router) as daemon:
+        sql(
+            pg_dsn,
+            "INSERT INTO source (id, v) SELECT g, CASE WHEN g % 3 = 0 THEN NULL "
+            "ELSE g % 5 END FROM generate_series(1, 300) g",
+        )
+        sql(pg_dsn, "ALTER TABLE source ADD COLUMN note text DEFAULT 'new'")
+        sql(pg_dsn, "UPDATE source SET note = 'x' WHERE id <= 10")
+        await wait_until(lambda: len(seen) == 310, message="events across the ALTER")
+        # Dropped right after a change: the queue holds the row images, nothing is lost.
+        sql(pg_dsn, "DELETE FROM source WHERE id > 290")
+        sql(pg_dsn, "DROP TABLE source")
+        await wait_until(lambda: len(seen) == 320, message="events of the dropped table")
+        sample = daemon.metrics.registry.get_sample_value
+        assert sample("pgreact_events_handled_total", {"handler": "by_v", "outcome": "dead"}) == 0
+    assert sum(1 for e in seen if e.op == "UPDATE" and e.new and e.new["note"] == "x") == 10
+    assert sum(1 for e in seen if e.op == "DELETE") == 10
+    assert sql(pg_dsn, "SELECT count(*) FROM pgreact.queue") == [(0,)]
