@@ -467,9 +467,16 @@ class Dispatcher:
         unit.open_ids.difference_update(ids)
         self._retry_at(handler.name, self._store.retry_base)
 
-    async def _give_back(self, unit: _Unit, error: BaseException | str) -> None:
-        """After an unexpected failure, return what the unit still holds (best effort: if the
-        database is unreachable, the reaper returns it once this unit's token is gone)."""
+    async def _give_back(self, unit: _Unit, reason: BaseException | str) -> None:
+        """After an unexpected failure or cancellation, return what the unit still holds (best
+        effort: if the database is unreachable, the reaper returns it once this unit's token is
+        gone)."""
+        log.info(
+            "claims_given_back",
+            handler=unit.handler.name,
+            count=len(unit.open_ids),
+            reason=reason if isinstance(reason, str) else _describe(reason, 0),
+        )
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             try:
                 async with self._engine.connect() as conn:
