@@ -156,6 +156,7 @@ class Dispatcher:
         self._idle: set[str] = set()
         self._suspect_inflight = False
         self._suspect_denied = False
+        self._may_claim = anyio.Event()
         self._arming = False
         self._tg: anyio.abc.TaskGroup | None = None
         self._last_error_log: dict[str, float] = {}
@@ -170,6 +171,7 @@ class Dispatcher:
 
     def stop_claiming(self) -> None:
         self._stopping = True
+        self._may_claim.set()
         for wakeup in self._wakeups.values():
             wakeup.ring()
 
@@ -252,10 +254,17 @@ class Dispatcher:
 
     # -- per handler ----------------------------------------------------------------------
 
+    def allow_claims(self) -> None:
+        """Start claiming. The runtime calls this once this process holds its presence lock
+        (or gives up waiting for it): a claim made before that would look abandoned to other
+        replicas, which would take it over and run the handler a second time."""
+        self._may_claim.set()
+
     async def _drive(self, handler: DurableHandler) -> None:
         limit = handler.max_size if handler.batch else self._config.batch_size
         wakeup = self._wakeups[handler.name]
         retry_delay = RETRY_MIN
+        await self._may_claim.wait()
         async with anyio.create_task_group() as units:
             while not self._stopping:
                 await self._wait_for_work(handler.name, wakeup)

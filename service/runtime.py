@@ -144,6 +144,7 @@ class Daemon:
             if connections > 1:
                 metrics.listener_reconnects.inc()
             metrics.listener_connected.set(1)
+            dispatcher.allow_claims()  # presence held: our claims are safe from other reapers
             dispatcher.wake()  # catch up on whatever was committed while we were away
             housekeeper.reap_soon()  # and take back claims we could not return while away
 
@@ -221,6 +222,14 @@ class Daemon:
                 dispatch_done.set()
 
             tg.start_soon(run_dispatcher, name="dispatcher")
+
+            async def claim_without_presence() -> None:
+                # The listener cannot connect (a pooler, a standby, an outage): work by polling
+                # rather than not at all; fencing keeps a takeover from doing anything twice.
+                await anyio.sleep(s.connect_timeout)
+                dispatcher.allow_claims()
+
+            tg.start_soon(claim_without_presence, name="claim-without-presence")
             log.info("started", http_port=self.http_port)
             task_status.started()
 
