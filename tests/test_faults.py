@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
 
 import anyio
 import pytest
@@ -17,7 +16,7 @@ from service import Event, Router
 from tests.conftest import TestServer, create_database, to_sa_url
 from tests.faults.proxy import TcpProxy
 from tests.faults.workload import Verdict, Workload, recovery_time, report, verdict
-from tests.handlers.common import EFFECT, effect_row
+from tests.handlers.common import EFFECT, effect_row, effects_router
 from tests.support import create_tables, install, make_settings, running, sql, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -27,17 +26,7 @@ HANDLERS = ("single", "batch")
 
 
 def chaos_router() -> Router:
-    router = Router()
-
-    @router.on("source", name="single")
-    async def single(event: Event, session: AsyncSession) -> None:
-        await session.execute(EFFECT, effect_row("single", event))
-
-    @router.on_batch("source", name="batch", max_size=50)
-    async def batch(events: Sequence[Event], session: AsyncSession) -> None:
-        await session.execute(EFFECT, [effect_row("batch", e) for e in events])
-
-    return router
+    return effects_router(50)
 
 
 async def drained(dsn: str, timeout: float = 60) -> list[Verdict]:

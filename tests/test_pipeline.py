@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import Event, Notification, Router
 from tests.handlers.common import EFFECT, effect_row
+from tests.handlers.common import effects_router as two_handler_router
 from tests.support import (
     create_tables,
     effect_counts,
@@ -28,17 +29,7 @@ pytestmark = pytest.mark.anyio
 
 
 def effects_router() -> Router:
-    router = Router()
-
-    @router.on("source", name="single")
-    async def single(event: Event, session: AsyncSession) -> None:
-        await session.execute(EFFECT, effect_row("single", event))
-
-    @router.on_batch("public.source", name="batch", max_size=64)
-    async def batch(events: Sequence[Event], session: AsyncSession) -> None:
-        await session.execute(EFFECT, [effect_row("batch", e) for e in events])
-
-    return router
+    return two_handler_router(64)
 
 
 async def test_every_change_reaches_every_handler_exactly_once(pg_dsn: str, sa_url: str) -> None:
