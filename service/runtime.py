@@ -180,11 +180,7 @@ class Daemon:
             metrics.notifications_received.labels(channel)
         metrics.observe_pool(lambda: _pool_snapshot(engine))
 
-        async def queue_usage() -> None:
-            while True:
-                metrics.notify_queue_usage.set(listener.queue_usage)
-                await anyio.sleep(1)
-
+        metrics.notify_queue_usage.set_function(lambda: listener.queue_usage)
         app = HealthApp(metrics.registry, self._readiness)
         log.info(
             "starting",
@@ -212,7 +208,6 @@ class Daemon:
             tg.start_soon(listener.run, name="listener")
             tg.start_soon(notify.run, name="notify")
             tg.start_soon(housekeeper.run, name="housekeeping")
-            tg.start_soon(queue_usage, name="queue-usage")
             dispatch_scope = anyio.CancelScope()
             dispatch_done = anyio.Event()
 
