@@ -2,8 +2,10 @@
 
 What it measures (each ``--runs`` times; median and min-max are reported):
 
-1. **Throughput**, for a single-event handler (one INSERT per event through the session) and a
-   batch handler (one executemany per batch), each on asyncpg and psycopg:
+1. **Throughput**, for a single-event handler (one INSERT per event through the session) and two
+   batch handlers (one executemany per batch; one COPY per batch with ``copy_rows``), each on
+   asyncpg and psycopg, and with ``--pgbouncer`` also with the write engine going through a
+   transaction-mode PgBouncer (``PGREACT_POOLER=pgbouncer-transaction``, the listener direct):
    - *drain*: ``--events`` changes are written by 4 writers (10 rows per INSERT) while no daemon
      runs; a daemon then starts and the clock runs from "started" until the last event's
      transaction has committed;
@@ -16,9 +18,13 @@ What it measures (each ``--runs`` times; median and min-max are reported):
    source row's ``clock_timestamp()`` → same; pgreact's own ``pgreact_event_lag_seconds``.
 3. **Writer cost** of the capture trigger: pgbench single-row INSERTs with 1/4/16 clients, table
    without vs with the trigger (one handler subscribed, no daemon running).
-4. **Baseline**: a bare asyncpg loop draining an equivalent plain job table (claim 100 with
-   ``FOR UPDATE SKIP LOCKED``, insert the effects, delete the jobs, commit), per-row INSERTs and
-   executemany, against which the drain numbers are given as per-run-pair ratios.
+4. **Baselines**: a bare asyncpg loop draining an equivalent plain job table (claim 100 with
+   ``FOR UPDATE SKIP LOCKED``, insert the effects, delete the jobs, commit), per-row INSERTs,
+   executemany and COPY, against which the drain numbers are given as per-run-pair ratios; the
+   same loop with no handler at all (claim, delete, commit; batch 100 and 1000), the ceiling of
+   any SKIP LOCKED drain; and, when ``pgqueuer`` is installed (``pip install 'pgreact[bench]'``),
+   one PgQueuer consumer draining the same jobs with the same one-INSERT handler, against which
+   the single-event drain is given as a ratio.
 
 Every run checks that each change produced exactly one effect (count and distinct) and that the
 queue is empty; any loss or duplicate fails the whole invocation (exit 1) after printing.
@@ -28,7 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
+import importlib.metadata
 import json
 import math
 import os
@@ -40,7 +46,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import unquote, urlsplit
 
 import anyio
 import orjson
@@ -59,11 +66,15 @@ from benchmarks.report import (
 )
 from benchmarks.server import Server, cpu_stall_us, machine_info, open_server
 from benchmarks.worker import (
+    HAVE_PGQUEUER,
     BaselineJob,
+    BaselineStyle,
     BenchFailure,
     DaemonJob,
     Handle,
+    Job,
     Measurement,
+    PgQueuerJob,
     log_warnings,
     start,
     warm_up,
@@ -72,18 +83,32 @@ from benchmarks.workload import (
     FILL_JOBS_SQL,
     JOBS_SQL,
     KINDS,
+    PAYLOADS_SQL,
+    PGQUEUER_ENTRYPOINT,
     SCHEMA,
     TABLES_SQL,
     Kind,
+    fill_bare_jobs_sql,
     make_router,
 )
 from service import installer
+
+if TYPE_CHECKING:
+    from tests.pgbouncer_core import PgBouncer
 
 DRIVERS = ("asyncpg", "psycopg")
 # Without --latency-rate, latency is measured at no more than this share of the single
 # handler's drain rate: small transactions cost the daemon far more per event than a backlog.
 LATENCY_SHARE = 0.25
 SECTIONS = ("drain", "live", "latency", "writers")
+# The bare asyncpg loop's style for each handler kind: the same write, without pgreact.
+BASELINE_STYLE: dict[Kind, BaselineStyle] = {
+    "single": "per-row",
+    "batch": "executemany",
+    "copy": "copy",
+}
+POOLED = "pgbouncer-transaction"
+PgBouncerChoice = Literal["auto", "yes", "no"]
 
 
 @dataclass(frozen=True)
@@ -111,14 +136,36 @@ class Plan:
     settings: tuple[tuple[str, str], ...] = ()  # pgreact settings for the daemons (--set)
     # --ab: a second configuration measured right after the default one, pair by pair
     ab: tuple[tuple[str, str], ...] = ()
+    # --pgbouncer: drain and live again with the write URL through a transaction-mode PgBouncer
+    # (auto: when the pgbouncer binary is installed)
+    pgbouncer: PgBouncerChoice = "auto"
+    pgbouncer_pool_size: int = 20  # PgBouncer's default_pool_size: above the daemon's pool
+    # the bare drain (claim, delete, commit; no handler): a larger backlog, it is fast
+    bare_events: int = 50_000
+    bare_batches: tuple[int, ...] = (100, 1000)
+    # PgQueuer (when installed): jobs fetched per dequeue, and the pool its handler writes with
+    # (pgreact's defaults: PGREACT_BATCH_SIZE 100, PGREACT_POOL_SIZE 10)
+    pgqueuer_batch_size: int = 100
+    pgqueuer_pool_size: int = 10
 
-    @property
-    def variants(self) -> list[Variant]:
-        default = Variant("", "", self.settings)
-        if not self.ab:
-            return [default]
-        label = ",".join(f"{k}={v}" for k, v in self.ab)
-        return [default, Variant(label, f" [{label}]", (*self.settings, *self.ab))]
+    def variants(self, *, pgbouncer: bool = False) -> list[Variant]:
+        """The daemon configurations each scenario runs in, one after the other per run: the
+        default, the --ab one, and (for drain and live) the PgBouncer one."""
+        out = [Variant("", "", self.settings)]
+        if self.ab:
+            label = ",".join(f"{k}={v}" for k, v in self.ab)
+            out.append(Variant(label, f" [{label}]", (*self.settings, *self.ab), db_suffix="_b"))
+        if pgbouncer:
+            out.append(
+                Variant(
+                    "pgbouncer",
+                    " via pgbouncer",
+                    (*self.settings, ("pooler", POOLED)),
+                    db_suffix="_pgb",
+                    pgbouncer=True,
+                )
+            )
+        return out
 
 
 @dataclass(frozen=True)
@@ -126,6 +173,8 @@ class Variant:
     label: str  # "" for the default configuration
     suffix: str  # appended to row names
     settings: tuple[tuple[str, str], ...]
+    db_suffix: str = ""  # appended to scratch database names
+    pgbouncer: bool = False  # write URL through PgBouncer, PGREACT_LISTEN_URL direct
 
 
 QUICK = Plan(
@@ -136,6 +185,7 @@ QUICK = Plan(
     latency_seconds=1.5,
     latency_warmup=0.3,
     pgbench_transactions=160,
+    bare_events=3_000,
 )
 
 
@@ -174,9 +224,17 @@ class Check:
 
 
 class Bench:
-    def __init__(self, server: Server, plan: Plan, workdir: Path, profile: Path | None) -> None:
+    def __init__(
+        self,
+        server: Server,
+        plan: Plan,
+        workdir: Path,
+        profile: Path | None,
+        bouncer: PgBouncer | None = None,
+    ) -> None:
         self.server = server
         self.plan = plan
+        self.bouncer = bouncer
         self.workdir = workdir
         self.profile = profile
         self.rows: dict[str, Row] = {}
@@ -185,6 +243,8 @@ class Bench:
         self.empty: dict[Kind, str] = {}
         self.loaded: dict[Kind, str] = {}
         self.loaded_base = ""
+        self.loaded_bare = ""
+        self.loaded_pgqueuer = ""
         self._pgbench_dbs: dict[str, str] = {}
         self._profilers: list[subprocess.Popen[bytes]] = []
         self.seconds: dict[str, float] = {}  # wall time spent per section, for tuning sizes
@@ -229,7 +289,7 @@ class Bench:
     def _log_path(self, name: str) -> str:
         return str(self.workdir / (name.replace(" ", "_") + ".log"))
 
-    def _start(self, job: DaemonJob | BaselineJob, name: str) -> Handle:
+    def _start(self, job: Job, name: str) -> Handle:
         handle = start(job)
         if self.profile is not None and handle.pid is not None:
             out = self.profile / (name.replace(" ", "_") + ".txt")
@@ -247,7 +307,7 @@ class Bench:
             time.sleep(0.3)  # let py-spy attach before the work starts
         return handle
 
-    def _finish(self, name: str, job: DaemonJob | BaselineJob) -> None:
+    def _finish(self, name: str, job: Job) -> None:
         if (n := log_warnings(job.log_path)) > 0:
             note = f"{name}: the measured process logged {n} warning(s), see {job.log_path}"
             if note not in self.notes:
@@ -283,11 +343,64 @@ class Bench:
             self.sql(db, FILL_JOBS_SQL)
             self.sql(db, "ANALYZE")
             self.loaded_base = db
+            db = self.server.create_db("loaded_bare")
+            self.sql(db, TABLES_SQL + JOBS_SQL)
+            self.sql(db, fill_bare_jobs_sql(p.bare_events))
+            self.sql(db, "ANALYZE")
+            self.loaded_bare = db
+            if HAVE_PGQUEUER:
+                db = self.server.create_db("loaded_pgqueuer")
+                self.sql(db, TABLES_SQL)
+                self._write(db, p.events)
+                rate = anyio.run(self._enqueue_pgqueuer, db)
+                self.sql(db, "ANALYZE")
+                self.loaded_pgqueuer = db
+                self.notes.append(
+                    f"PgQueuer preload: {p.events:,} jobs enqueued by {p.writers} connections, "
+                    f"{p.rows_per_statement} per Queries.enqueue call: {rate:,.0f} jobs/s"
+                )
         if "writers" in p.sections:
             plain = self.server.create_db("pgbench_plain")
             self.sql(plain, TABLES_SQL)
             trig = self.server.create_db("pgbench_trigger", template=self.empty["single"])
             self._pgbench_dbs = {"plain": plain, "trigger": trig}
+
+    async def _enqueue_pgqueuer(self, database: str) -> float:
+        """Install PgQueuer's schema and enqueue one job per source row (payload: the row image
+        as JSON), ``rows_per_statement`` jobs per batched ``Queries.enqueue`` call from
+        ``writers`` connections, as the writers insert the rows pgreact captures."""
+        import asyncpg
+        from pgqueuer.db import AsyncpgDriver
+        from pgqueuer.queries import Queries
+
+        p = self.plan
+        url = self.server.url(database)
+        payloads = [str(r[0]).encode() for r in self.sql(database, PAYLOADS_SQL)]
+        conns = [await asyncpg.connect(url) for _ in range(p.writers)]
+        try:
+            await Queries(AsyncpgDriver(conns[0])).install()
+            chunks = [
+                payloads[i : i + p.rows_per_statement]
+                for i in range(0, len(payloads), p.rows_per_statement)
+            ]
+            chunks.reverse()  # popped from the end: enqueued in source order
+            started = time.monotonic()
+
+            async def enqueue(conn: Any) -> None:
+                queries = Queries(AsyncpgDriver(conn))
+                while chunks:
+                    chunk = chunks.pop()
+                    await queries.enqueue(
+                        [PGQUEUER_ENTRYPOINT] * len(chunk), list(chunk), [0] * len(chunk)
+                    )
+
+            async with anyio.create_task_group() as tg:
+                for conn in conns:
+                    tg.start_soon(enqueue, conn)
+            return len(payloads) / max(time.monotonic() - started, 1e-9)
+        finally:
+            for conn in conns:
+                await conn.close()
 
     async def _install(self, database: str, kind: Kind) -> None:
         engine = create_async_engine(self.server.sa_url(database, "asyncpg"))
@@ -318,8 +431,15 @@ class Bench:
         variant: Variant,
         **kw: Any,
     ) -> DaemonJob:
+        url = self.server.sa_url(db, driver)
+        if variant.pgbouncer:
+            if self.bouncer is None:
+                raise BenchFailure("a PgBouncer scenario without a running PgBouncer")
+            # Writes through PgBouncer; the listener cannot go through transaction mode.
+            kw.update(listen_url=url, pooler_pid=self.bouncer.process.pid)
+            url = self.bouncer.via(url)
         return DaemonJob(
-            url=self.server.sa_url(db, driver),
+            url=url,
             kind=kind,
             expect=expect,
             log_path=self._log_path(name),
@@ -338,17 +458,17 @@ class Bench:
         if m.server_cpu_seconds is not None:
             row.add("server_cpu_ms_per_1k", m.server_cpu_seconds * 1e6 / events, "ms")
         row.add("rss_peak_mb", m.rss_peak_mb, "MB")
+        if m.pooler_cpu_seconds is not None:
+            row.add("pgbouncer_cpu_ms_per_1k", m.pooler_cpu_seconds * 1e6 / events, "ms")
         _pressure(row, m.cpu_pressure)
         return rate
 
     def drain(self, run: int, kind: Kind, driver: str, variant: Variant) -> None:
         p = self.plan
         name = f"drain {kind} {driver}{variant.suffix}"
-        row = self.row(
-            "throughput", name, mode="drain", handler=kind, driver=driver, variant=variant.label
-        )
+        row = self.row("throughput", name, **_params("drain", kind, driver, variant))
         db = self.server.create_db(
-            f"r{run}_drain_{kind}_{driver}{_db_suffix(variant)}", template=self.loaded[kind]
+            f"r{run}_drain_{kind}_{driver}{variant.db_suffix}", template=self.loaded[kind]
         )
         job = self._job(name, db, kind, driver, p.events, variant)
         m = self._start(job, name).result(self._timeout(p.events))
@@ -358,9 +478,8 @@ class Bench:
         self.server.drop_db(db)
         _log(f"  {name}: {rate:,.0f} events/s, {m.cpu_seconds * 1e6 / p.events:,.0f} ms CPU/1k")
 
-    def baseline(self, run: int, per_row: bool) -> None:
+    def baseline(self, run: int, style: BaselineStyle) -> None:
         p = self.plan
-        style = "per-row" if per_row else "executemany"
         name = f"drain baseline {style}"
         row = self.row("throughput", name, mode="drain", handler=f"baseline {style}")
         db = self.server.create_db(f"r{run}_base_{style}", template=self.loaded_base)
@@ -368,7 +487,7 @@ class Bench:
             url=self.server.url(db),
             expect=p.events,
             log_path=self._log_path(name),
-            per_row=per_row,
+            style=style,
             server_pid=self.server.postmaster_pid,
             workers=p.baseline_workers,
             batch=p.batch_max_size,
@@ -380,14 +499,66 @@ class Bench:
         self.server.drop_db(db)
         _log(f"  {name}: {rate:,.0f} events/s")
 
+    def bare(self, run: int, batch: int) -> None:
+        """The bare drain: claim ``batch`` with SKIP LOCKED, delete, commit; no handler."""
+        p = self.plan
+        name = f"drain bare batch {batch}"
+        row = self.row("throughput", name, mode="drain", handler="bare (no handler)", batch=batch)
+        db = self.server.create_db(f"r{run}_bare_{batch}", template=self.loaded_bare)
+        job = BaselineJob(
+            url=self.server.url(db),
+            expect=p.bare_events,
+            log_path=self._log_path(name),
+            style="none",
+            server_pid=self.server.postmaster_pid,
+            workers=p.baseline_workers,
+            batch=batch,
+        )
+        m = self._start(job, name).result(self._timeout(p.bare_events))
+        rate = self._throughput(row, m, p.bare_events, m.wall_seconds)
+        ((left,),) = self.sql(db, "SELECT count(*) FROM jobs")
+        if left:
+            row.lost += int(left)
+            self.failures.append(f"{name}: {left} jobs left in the table")
+        self._finish(name, job)
+        self.server.drop_db(db)
+        _log(f"  {name}: {rate:,.0f} events/s")
+
+    def pgqueuer(self, run: int) -> None:
+        """One PgQueuer consumer draining the same jobs; its handler does one INSERT."""
+        p = self.plan
+        name = "drain pgqueuer"
+        row = self.row(
+            "throughput",
+            name,
+            mode="drain",
+            handler="pgqueuer (one INSERT per job)",
+            version=_version("pgqueuer"),
+            batch_size=p.pgqueuer_batch_size,
+            pool_size=p.pgqueuer_pool_size,
+        )
+        db = self.server.create_db(f"r{run}_pgqueuer", template=self.loaded_pgqueuer)
+        job = PgQueuerJob(
+            url=self.server.url(db),
+            expect=p.events,
+            log_path=self._log_path(name),
+            server_pid=self.server.postmaster_pid,
+            batch_size=p.pgqueuer_batch_size,
+            pool_size=p.pgqueuer_pool_size,
+        )
+        m = self._start(job, name).result(self._timeout(p.events))
+        rate = self._throughput(row, m, p.events, m.wall_seconds)
+        self.check(db, name, p.events, "pgqueuer")
+        self._finish(name, job)
+        self.server.drop_db(db)
+        _log(f"  {name}: {rate:,.0f} events/s")
+
     def live(self, run: int, kind: Kind, driver: str, variant: Variant) -> None:
         p = self.plan
         name = f"live {kind} {driver}{variant.suffix}"
-        row = self.row(
-            "throughput", name, mode="live", handler=kind, driver=driver, variant=variant.label
-        )
+        row = self.row("throughput", name, **_params("live", kind, driver, variant))
         db = self.server.create_db(
-            f"r{run}_live_{kind}_{driver}{_db_suffix(variant)}", template=self.empty[kind]
+            f"r{run}_live_{kind}_{driver}{variant.db_suffix}", template=self.empty[kind]
         )
         job = self._job(name, db, kind, driver, p.live_events, variant)
         handle = self._start(job, name)
@@ -434,9 +605,9 @@ class Bench:
         )
         name = f"latency {driver}{variant.suffix}"
         db = self.server.create_db(
-            f"r{run}_latency_{driver}{_db_suffix(variant)}", template=self.empty[kind]
+            f"r{run}_latency_{driver}{variant.db_suffix}", template=self.empty[kind]
         )
-        out = self.workdir / f"latency_{run}_{driver}{_db_suffix(variant)}.json"
+        out = self.workdir / f"latency_{run}_{driver}{variant.db_suffix}.json"
         job = self._job(name, db, kind, driver, total, variant, latency_out=str(out))
         handle = self._start(job, name)
         handle.ready()
@@ -555,28 +726,33 @@ class Bench:
         back to back, so their ratio compares like with like)."""
         p = self.plan
         runs = range(p.runs)
+        variants = p.variants(pgbouncer=self.bouncer is not None)
         if "drain" in p.sections:
             for run in runs:
                 _log(f"drain, run {run + 1}/{p.runs}")
                 for driver in p.drivers:
                     for kind in KINDS:
-                        for variant in p.variants:
+                        for variant in variants:
                             self._timed("drain", self.drain, run, kind, driver, variant)
-                self._timed("baseline", self.baseline, run, per_row=True)
-                self._timed("baseline", self.baseline, run, per_row=False)
+                for style in BASELINE_STYLE.values():
+                    self._timed("baseline", self.baseline, run, style)
+                for batch in p.bare_batches:
+                    self._timed("baseline", self.bare, run, batch)
+                if self.loaded_pgqueuer:
+                    self._timed("pgqueuer", self.pgqueuer, run)
         if "live" in p.sections:
             for run in runs:
                 _log(f"live, run {run + 1}/{p.runs}")
                 for driver in p.drivers:
                     for kind in KINDS:
-                        for variant in p.variants:
+                        for variant in variants:
                             self._timed("live", self.live, run, kind, driver, variant)
         if "latency" in p.sections:
             rate = self.latency_rate()
             for run in runs:
                 _log(f"latency, run {run + 1}/{p.runs}")
                 for driver in p.drivers:
-                    for variant in p.variants:
+                    for variant in p.variants():
                         self._timed("latency", self.latency, run, driver, rate, variant)
         if "writers" in p.sections:
             for run in runs:
@@ -594,37 +770,60 @@ class Bench:
 
     def add_ratios(self) -> None:
         """pgreact / baseline per run pair: throughput ratio, and CPU ratio (daemon vs loop)."""
+        pgqueuer = self.rows.get("drain pgqueuer")
         for row in self.rows.values():
             if row.params.get("mode") != "drain" or row.params.get("driver") is None:
                 continue
-            style = "per-row" if row.params["handler"] == "single" else "executemany"
-            base = self.rows.get(f"drain baseline {style}")
-            if base is None:
-                continue
-            row.params["baseline"] = base.name
-            for metric, label in (
-                ("events_per_s", "vs_baseline_throughput"),
-                ("daemon_cpu_ms_per_1k", "vs_baseline_cpu"),
-            ):
-                pairs = ratios(row.metrics.get(metric, []), base.metrics.get(metric, []))
-                for value in pairs:
-                    row.add(label, value, "ratio")
-        # --ab: the second configuration against the default, run pair by run pair.
+            base = self.rows.get(f"drain baseline {BASELINE_STYLE[row.params['handler']]}")
+            if base is not None:
+                row.params["baseline"] = base.name
+                for metric, label in (
+                    ("events_per_s", "vs_baseline_throughput"),
+                    ("daemon_cpu_ms_per_1k", "vs_baseline_cpu"),
+                ):
+                    pairs = ratios(row.metrics.get(metric, []), base.metrics.get(metric, []))
+                    for value in pairs:
+                        row.add(label, value, "ratio")
+            # PgQueuer runs the single-event workload (one INSERT per job).
+            if pgqueuer is not None and row.params["handler"] == "single":
+                ours = row.metrics.get("events_per_s", [])
+                for value in ratios(ours, pgqueuer.metrics.get("events_per_s", [])):
+                    row.add("vs_pgqueuer_throughput", value, "ratio")
+        # --ab and --pgbouncer: each variant against the default, run pair by run pair.
         for row in self.rows.values():
             variant = row.params.get("variant")
             if not variant:
                 continue
-            default = self.rows.get(row.name.replace(f" [{variant}]", ""))
+            default = self.rows.get(
+                row.params.get("default_row") or row.name.replace(f" [{variant}]", "")
+            )
             if default is None:
                 continue
+            prefix = "vs_direct_" if variant == "pgbouncer" else "vs_default_"
             for metric in ("events_per_s", "daemon_cpu_ms_per_1k", "p50_ms", "p99_ms"):
                 pairs = ratios(row.metrics.get(metric, []), default.metrics.get(metric, []))
                 for value in pairs:
-                    row.add(f"vs_default_{metric}", value, "ratio")
+                    row.add(f"{prefix}{metric}", value, "ratio")
 
 
-def _db_suffix(variant: Variant) -> str:
-    return "_b" if variant.label else ""
+def _params(mode: str, kind: Kind, driver: str, variant: Variant) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "mode": mode,
+        "handler": kind,
+        "driver": driver,
+        "variant": variant.label,
+        "pooler": POOLED if variant.pgbouncer else "none",
+    }
+    if variant.label:
+        params["default_row"] = f"{mode} {kind} {driver}"
+    return params
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def _pressure(row: Row, share: float | None) -> None:
@@ -671,6 +870,7 @@ def render(bench: Bench, plan: Plan) -> str:
                     "scenario",
                     "events/s",
                     "vs baseline",
+                    "vs PgQueuer",
                     "daemon CPU ms/1k ev",
                     "CPU vs baseline",
                     "server CPU ms/1k ev",
@@ -683,6 +883,7 @@ def render(bench: Bench, plan: Plan) -> str:
                         r.name,
                         _cell(r, "events_per_s"),
                         _cell(r, "vs_baseline_throughput", 2, "x"),
+                        _cell(r, "vs_pgqueuer_throughput", 2, "x"),
                         _cell(r, "daemon_cpu_ms_per_1k"),
                         _cell(r, "vs_baseline_cpu", 2, "x"),
                         _cell(r, "server_cpu_ms_per_1k"),
@@ -691,6 +892,42 @@ def render(bench: Bench, plan: Plan) -> str:
                         _integrity(r),
                     ]
                     for r in tp
+                ],
+            )
+        )
+    pooled = [r for r in tp if r.params.get("variant") == "pgbouncer"]
+    if pooled:
+        parts.append(
+            render_table(
+                "1b. Through PgBouncer (transaction mode, PGREACT_POOLER=pgbouncer-transaction; "
+                "the listener direct) vs direct, same invocation, ratios per run pair",
+                [
+                    "scenario",
+                    "direct events/s",
+                    "via PgBouncer events/s",
+                    "via/direct",
+                    "daemon CPU ms/1k direct",
+                    "via PgBouncer",
+                    "PgBouncer CPU ms/1k",
+                    "server CPU ms/1k direct",
+                    "via PgBouncer",
+                    "exactly-once",
+                ],
+                [
+                    [
+                        direct.name,
+                        _cell(direct, "events_per_s"),
+                        _cell(r, "events_per_s"),
+                        _cell(r, "vs_direct_events_per_s", 2, "x"),
+                        _cell(direct, "daemon_cpu_ms_per_1k"),
+                        _cell(r, "daemon_cpu_ms_per_1k"),
+                        _cell(r, "pgbouncer_cpu_ms_per_1k"),
+                        _cell(direct, "server_cpu_ms_per_1k"),
+                        _cell(r, "server_cpu_ms_per_1k"),
+                        _integrity(r),
+                    ]
+                    for r in pooled
+                    if (direct := bench.rows.get(r.params["default_row"])) is not None
                 ],
             )
         )
@@ -810,7 +1047,24 @@ METHOD = {
     "Tail: last handled minus last written; it grows when the daemon falls behind",
     "baseline": "bare asyncpg: --baseline-workers (default 4) connections each loop BEGIN; "
     "SELECT … ORDER BY id LIMIT 100 FOR UPDATE SKIP LOCKED; decode jsonb; INSERT effects (per "
-    "row, or executemany); DELETE claimed; COMMIT",
+    "row, executemany, or COPY); DELETE claimed; COMMIT. 'vs baseline' pairs single with "
+    "per-row, batch with executemany, copy with COPY",
+    "bare": "the same loop with no handler (claim with SKIP LOCKED, DELETE, COMMIT; the payload "
+    "is fetched, not decoded) at batch 100 and 1000, on a larger backlog (--bare-events): the "
+    "ceiling of any SKIP LOCKED drain on this machine",
+    "pgqueuer": "when pgqueuer is installed (pip install 'pgreact[bench]'): the same source rows, "
+    "one job each (payload: the row image as JSON) enqueued before the consumer starts, cloned "
+    "per run; one consumer as PgQueuer's README writes it, PgQueuer(AsyncpgDriver(connection)), "
+    "run(mode=drain, batch_size=--pgqueuer-batch-size); its entrypoint INSERTs the effect "
+    "through an asyncpg pool (--pgqueuer-pool-size). The clock starts after connecting and "
+    "stops when run() returns (every job handled and deleted from the queue). 'vs PgQueuer': "
+    "the single-event drain over PgQueuer, per run pair. PgQueuer's write is not in the job's "
+    "transaction (at least once); pgreact's is (exactly once)",
+    "pgbouncer": "--pgbouncer (default: when installed): every drain and live scenario again with "
+    "PGREACT_DATABASE_URL through a PgBouncer this run started (transaction mode, "
+    "default_pool_size --pgbouncer-pool-size, max_prepared_statements 0, the tests' strict "
+    "settings) and PGREACT_POOLER=pgbouncer-transaction, PGREACT_LISTEN_URL direct; run right "
+    "after the direct one, ratio per run pair; PgBouncer's own CPU is measured separately",
     "server": "synchronous_commit and fsync on, default settings otherwise",
     "pressure": "CPU pressure: share of the measured interval during which some runnable task on "
     "the machine waited for a CPU (Linux PSI 'some', machine-wide, our own processes included); "
@@ -824,7 +1078,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m benchmarks.run",
         description="pgreact end-to-end benchmark (throughput, latency, writer cost, baseline).",
     )
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, 1 run (smoke test, <30 s)")
+    ap.add_argument(
+        "--quick", action="store_true", help="tiny sizes, 1 run (the smoke test, ~30 s)"
+    )
     ap.add_argument(
         "--url", help="use this server (libpq or SQLAlchemy URL) instead of starting one"
     )
@@ -841,6 +1097,30 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--batch-max-size", type=int, help=f"on_batch max_size ({d.batch_max_size})")
     ap.add_argument("--baseline-workers", type=int, help=f"({d.baseline_workers})")
+    ap.add_argument(
+        "--bare-events", type=int, help=f"backlog of the bare drain (no handler) ({d.bare_events})"
+    )
+    ap.add_argument(
+        "--pgbouncer",
+        nargs="?",
+        const="yes",
+        choices=("auto", "yes", "no"),
+        help="also run drain and live with the write engine through a transaction-mode PgBouncer "
+        f"(yes: required, no: never, auto: when installed; {d.pgbouncer})",
+    )
+    ap.add_argument(
+        "--pgbouncer-pool-size", type=int, help=f"its default_pool_size ({d.pgbouncer_pool_size})"
+    )
+    ap.add_argument(
+        "--pgqueuer-batch-size",
+        type=int,
+        help=f"PgQueuer's dequeue batch size ({d.pgqueuer_batch_size})",
+    )
+    ap.add_argument(
+        "--pgqueuer-pool-size",
+        type=int,
+        help=f"connections of the PgQueuer handler's pool ({d.pgqueuer_pool_size})",
+    )
     ap.add_argument("--drivers", help="comma-separated subset of asyncpg,psycopg")
     ap.add_argument(
         "--sections", help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)"
@@ -884,6 +1164,10 @@ def _plan(args: argparse.Namespace) -> Plan:
         "pgbench_seconds",
         "batch_max_size",
         "baseline_workers",
+        "bare_events",
+        "pgbouncer_pool_size",
+        "pgqueuer_batch_size",
+        "pgqueuer_pool_size",
     ):
         value = getattr(args, field)
         if value is not None:
@@ -900,6 +1184,8 @@ def _plan(args: argparse.Namespace) -> Plan:
             changes[field] = chosen
     if args.latency_rate is not None:
         changes["latency_rate_capped"] = False
+    if args.pgbouncer is not None:
+        changes["pgbouncer"] = args.pgbouncer
     for option, field in (("set", "settings"), ("ab", "ab")):
         items = _settings(getattr(args, option), option)
         if items:
@@ -927,6 +1213,61 @@ def _settings(items: Sequence[str], option: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+@dataclass(frozen=True)
+class _Upstream:
+    """What PgBouncer needs to know of the server under test."""
+
+    host: str
+    port: int
+    user: str
+    password: str
+
+
+def _upstream(server: Server) -> _Upstream:
+    parts = urlsplit(server.base_url)
+    return _Upstream(
+        host=parts.hostname or "127.0.0.1",
+        port=parts.port or 5432,
+        user=unquote(parts.username or "") or os.environ.get("USER", "postgres"),
+        password=unquote(parts.password or ""),
+    )
+
+
+def _start_pgbouncer(plan: Plan, server: Server, notes: list[str]) -> PgBouncer | None:
+    """A transaction-mode PgBouncer in front of the server, started the way the tests start
+    theirs (:mod:`tests.pgbouncer_core`), or None (and a note saying why)."""
+    if plan.pgbouncer == "no" or not {"drain", "live"} & set(plan.sections):
+        return None
+    try:
+        from tests import pgbouncer_core
+    except ImportError as exc:  # run from outside the checkout
+        raise SystemExit(f"--pgbouncer needs tests/pgbouncer_core.py on the path: {exc}") from None
+    binary = pgbouncer_core.find_pgbouncer()
+    if binary is None:
+        if plan.pgbouncer == "yes":
+            raise SystemExit(f"--pgbouncer: {pgbouncer_core.INSTALL_HINT}")
+        notes.append(f"PgBouncer rows skipped: {pgbouncer_core.INSTALL_HINT}")
+        return None
+    try:
+        bouncer = pgbouncer_core.start(
+            binary, _upstream(server), pool_mode="transaction", pool_size=plan.pgbouncer_pool_size
+        )
+    except pgbouncer_core.PgBouncerError as exc:
+        raise SystemExit(f"--pgbouncer: {exc}") from None
+    _log(
+        f"PgBouncer (transaction mode) on {bouncer.host}:{bouncer.port}, pid {bouncer.process.pid}"
+    )
+    return bouncer
+
+
+def _pgbouncer_version(bouncer: PgBouncer) -> str:
+    from tests import pgbouncer_core
+
+    binary = pgbouncer_core.find_pgbouncer()
+    version = pgbouncer_core.pgbouncer_version(binary) if binary else (0,)
+    return ".".join(map(str, version))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     plan = _plan(args)
@@ -937,13 +1278,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         _py_spy()
         args.profile.mkdir(parents=True, exist_ok=True)
     warm_up()  # the fork server imports while the PostgreSQL server starts
+    notes: list[str] = []
     with open_server(args.url) as server:
         info = machine_info(server)
+        bouncer = _start_pgbouncer(plan, server, notes)
+        info["baselines"] = f"pgqueuer {_version('pgqueuer')}, " + (
+            f"PgBouncer {_pgbouncer_version(bouncer)}" if bouncer else "PgBouncer not used"
+        )
         header = ["pgreact benchmark", "=" * 17]
         header += [f"{k:>22}: {v}" for k, v in info.items()]
         header.append(f"{'command':>22}: python -m benchmarks.run {' '.join(sys.argv[1:])}")
         print("\n".join(header), flush=True)
-        bench = Bench(server, plan, workdir, args.profile)
+        bench = Bench(server, plan, workdir, args.profile, bouncer)
+        bench.notes.extend(notes)
         try:
             bench._timed("prepare", bench.prepare)
             bench.run_all()
@@ -952,13 +1299,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             _log(f"!!! {exc}")
         finally:
             bench.close()
+            if bouncer is not None:
+                bouncer.stop()
             if server.postmaster_pid is None:  # someone else's server: leave it tidy
                 server.drop_all()
     bench.add_ratios()
-    if importlib.util.find_spec("pgqueuer") is None:
-        bench.notes.append("PgQueuer baseline skipped: pgqueuer is not installed")
-    else:
-        bench.notes.append("PgQueuer is importable but its baseline is not implemented here")
+    if not HAVE_PGQUEUER:
+        bench.notes.append(
+            "PgQueuer baseline skipped: pgqueuer is not installed (pip install 'pgreact[bench]')"
+        )
     elapsed = time.monotonic() - started
     load = os.getloadavg()
     bench.notes.append(

@@ -133,6 +133,17 @@ def server_cpu_seconds(postmaster_pid: int | None) -> float | None:
     return ticks / _CLK_TCK
 
 
+def process_cpu_seconds(pid: int | None) -> float | None:
+    """User+system CPU of one process so far (PgBouncer: not a child of the postmaster)."""
+    if pid is None:
+        return None
+    try:
+        fields = _stat_fields(pid)
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
 def cpu_stall_us() -> int | None:
     """Microseconds during which some runnable task waited for a CPU (Linux PSI, machine-wide):
     over an interval, stall / wall is how contended the machine was."""

@@ -1,5 +1,5 @@
-"""The measured process: a pgreact daemon (in process, as ``pgreact run`` would build it) or the
-bare asyncpg baseline loop.
+"""The measured process: a pgreact daemon (in process, as ``pgreact run`` would build it), the
+bare asyncpg baseline loop, or a PgQueuer consumer (when ``pgqueuer`` is installed).
 
 Each measurement runs in a fresh process forked from a fork server that has already imported
 everything (:func:`start`), so import time is never measured and every process starts with the
@@ -13,23 +13,25 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import multiprocessing
 import os
 import resource
+import sys
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import asyncpg
 import orjson
 
-from benchmarks.server import cpu_stall_us, server_cpu_seconds
-from benchmarks.workload import HANDLER_NAMES, Kind, clock, make_router
+from benchmarks.server import cpu_stall_us, process_cpu_seconds, server_cpu_seconds
+from benchmarks.workload import HANDLER_NAMES, PGQUEUER_ENTRYPOINT, Kind, clock, make_router
 from service.logging import configure_logging
 from service.metrics import Metrics
 from service.runtime import Daemon
@@ -45,7 +47,10 @@ PRELOAD = (
     "sqlalchemy.dialects.postgresql.asyncpg",
     "sqlalchemy.dialects.postgresql.psycopg",
 )
-for _module in PRELOAD:
+# PgQueuer's consumer, when the optional extra is installed (pip install 'pgreact[bench]').
+PGQUEUER_PRELOAD = ("pgqueuer", "pgqueuer.db", "pgqueuer.models", "pgqueuer.types")
+HAVE_PGQUEUER = importlib.util.find_spec("pgqueuer") is not None
+for _module in PRELOAD + (PGQUEUER_PRELOAD if HAVE_PGQUEUER else ()):
     importlib.import_module(_module)
 
 CHECK_SECONDS = 0.25  # how often the measured process looks for failures and stalls
@@ -62,10 +67,15 @@ class DaemonJob:
     expect: int
     log_path: str
     server_pid: int | None = None
+    listen_url: str | None = None  # PGREACT_LISTEN_URL when the write URL goes through a pooler
+    pooler_pid: int | None = None  # PgBouncer in between: its CPU is measured too
     batch_max_size: int = 100
     latency_out: str | None = None  # where to write (source id, commit time) pairs
     stall_timeout: float = 60.0
     overrides: dict[str, Any] = field(default_factory=dict)  # extra pgreact settings
+
+
+BaselineStyle = Literal["per-row", "executemany", "copy", "none"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +83,28 @@ class BaselineJob:
     url: str  # libpq URL
     expect: int
     log_path: str
-    per_row: bool  # one INSERT round trip per effect, else one executemany per batch
+    # per-row: one INSERT round trip per effect; executemany / copy: one per batch; none: no
+    # effect at all (claim, delete, commit: the bare drain)
+    style: BaselineStyle
     server_pid: int | None = None
     workers: int = 4
     batch: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class PgQueuerJob:
+    """One PgQueuer consumer (``PgQueuer.run`` in drain mode) on an asyncpg connection; the
+    job handler INSERTs its effect through an asyncpg pool of ``pool_size`` connections."""
+
+    url: str  # libpq URL
+    expect: int
+    log_path: str
+    server_pid: int | None = None
+    batch_size: int = 100
+    pool_size: int = 10
+
+
+Job = DaemonJob | BaselineJob | PgQueuerJob
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +116,7 @@ class Measurement:
     server_cpu_seconds: float | None  # every server process, started → done
     rss_peak_mb: float
     cpu_pressure: float | None = None  # share of the interval some task waited for a CPU
+    pooler_cpu_seconds: float | None = None  # PgBouncer, started → done (when one is in between)
     lag_buckets: list[tuple[float, float]] | None = None  # pgreact_event_lag_seconds (le, n)
     # (time.time(), buckets) taken every LAG_SNAPSHOT_SECONDS, to cut a warm-up off later
     lag_snapshots: list[tuple[float, list[tuple[float, float]]]] = field(default_factory=list)
@@ -103,6 +132,7 @@ class _Mark:
     cpu: float
     server_cpu: float | None
     stall_us: int | None
+    pooler_cpu: float | None = None
 
 
 def _cpu() -> float:
@@ -110,15 +140,16 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _mark_start(server_pid: int | None) -> _Mark:
+def _mark_start(server_pid: int | None, pooler_pid: int | None = None) -> _Mark:
     server = server_cpu_seconds(server_pid)  # before our own CPU mark: the scan is not counted
+    pooler = process_cpu_seconds(pooler_pid)
     stall = cpu_stall_us()
-    return _Mark(time.time(), _cpu(), server, stall)
+    return _Mark(time.time(), _cpu(), server, stall, pooler)
 
 
-def _mark_end(server_pid: int | None) -> _Mark:
+def _mark_end(server_pid: int | None, pooler_pid: int | None = None) -> _Mark:
     wall, cpu, stall = time.time(), _cpu(), cpu_stall_us()
-    return _Mark(wall, cpu, server_cpu_seconds(server_pid), stall)
+    return _Mark(wall, cpu, server_cpu_seconds(server_pid), stall, process_cpu_seconds(pooler_pid))
 
 
 def _peak_rss_mb() -> float:
@@ -139,9 +170,11 @@ def _measurement(
     lag: list[tuple[float, float]] | None = None,
     snapshots: list[tuple[float, list[tuple[float, float]]]] | None = None,
 ) -> Measurement:
-    server = pressure = None
+    server = pressure = pooler = None
     if start.server_cpu is not None and end.server_cpu is not None:
         server = end.server_cpu - start.server_cpu
+    if start.pooler_cpu is not None and end.pooler_cpu is not None:
+        pooler = end.pooler_cpu - start.pooler_cpu
     if start.stall_us is not None and end.stall_us is not None and end.wall > start.wall:
         pressure = (end.stall_us - start.stall_us) / 1e6 / (end.wall - start.wall)
     return Measurement(
@@ -152,6 +185,7 @@ def _measurement(
         server_cpu_seconds=server,
         rss_peak_mb=_peak_rss_mb(),
         cpu_pressure=pressure,
+        pooler_cpu_seconds=pooler,
         lag_buckets=lag,
         lag_snapshots=snapshots or [],
     )
@@ -182,6 +216,9 @@ async def _run_daemon(job: DaemonJob, send: Callable[[tuple[str, Any]], None]) -
     configure_logging("json", "WARNING")
     done = anyio.Event()
     clock.arm(job.expect, done.set, record=job.latency_out is not None)
+    overrides = dict(job.overrides)
+    if job.listen_url is not None:
+        overrides.setdefault("listen_url", job.listen_url)
     settings = load_settings(
         None,
         environ={},
@@ -190,13 +227,13 @@ async def _run_daemon(job: DaemonJob, send: Callable[[tuple[str, Any]], None]) -
         http_port=0,
         log_level="WARNING",
         application_name="pgreact-bench",
-        **job.overrides,
+        **overrides,
     )
     daemon = Daemon(settings, make_router(job.kind, job.batch_max_size))
     handler = HANDLER_NAMES[job.kind]
     async with anyio.create_task_group() as tg:
         await tg.start(daemon.run)
-        start = _mark_start(job.server_pid)
+        start = _mark_start(job.server_pid, job.pooler_pid)
         send(("ready", start.wall))
         last, last_change = 0, time.monotonic()
         snapshots: list[tuple[float, list[tuple[float, float]]]] = []
@@ -223,7 +260,7 @@ async def _run_daemon(job: DaemonJob, send: Callable[[tuple[str, Any]], None]) -
                     f"no progress for {job.stall_timeout:g} s: {clock.handled} of {job.expect} "
                     f"events handled (see the daemon log {job.log_path})"
                 )
-        end = _mark_end(job.server_pid)
+        end = _mark_end(job.server_pid, job.pooler_pid)
         done_at = clock.done_at or end.wall
         end = dataclasses.replace(end, wall=done_at)
         daemon.stop()
@@ -244,10 +281,11 @@ BASE_DELETE = "DELETE FROM jobs WHERE id = ANY($1::bigint[])"
 
 
 async def _run_baseline(job: BaselineJob, send: Callable[[tuple[str, Any]], None]) -> Measurement:
-    """Claim up to ``batch`` jobs with SKIP LOCKED, write each effect, delete the jobs, commit —
-    on ``workers`` connections until the table is empty. Connecting is inside the timing, as the
-    daemon's pool connects inside its."""
+    """Claim up to ``batch`` jobs with SKIP LOCKED, write each effect (or, style ``none``, none:
+    the bare drain), delete the jobs, commit — on ``workers`` connections until the table is
+    empty. Connecting is inside the timing, as the daemon's pool connects inside its."""
     handled = 0
+    columns = ["source_id", "event_id", "account"]
 
     async def work() -> None:
         nonlocal handled
@@ -260,15 +298,20 @@ async def _run_baseline(job: BaselineJob, send: Callable[[tuple[str, Any]], None
                     rows = await conn.fetch(BASE_CLAIM, job.batch)
                     if not rows:  # the rest (if any) is locked by other workers: they finish it
                         return
-                    effects = []
-                    for job_id, payload in rows:
-                        image = orjson.loads(payload)
-                        effects.append((image["id"], job_id, image["account"]))
-                    if job.per_row:
-                        for effect in effects:
-                            await conn.execute(BASE_EFFECT, *effect)
-                    else:
-                        await conn.executemany(BASE_EFFECT, effects)
+                    if job.style != "none":
+                        effects = []
+                        for job_id, payload in rows:
+                            image = orjson.loads(payload)
+                            effects.append((image["id"], job_id, image["account"]))
+                        if job.style == "per-row":
+                            for effect in effects:
+                                await conn.execute(BASE_EFFECT, *effect)
+                        elif job.style == "executemany":
+                            await conn.executemany(BASE_EFFECT, effects)
+                        else:
+                            await conn.copy_records_to_table(
+                                "effects", columns=columns, records=effects
+                            )
                     await conn.execute(BASE_DELETE, [r[0] for r in rows])
                 handled += len(rows)
         finally:
@@ -285,6 +328,56 @@ async def _run_baseline(job: BaselineJob, send: Callable[[tuple[str, Any]], None
     return _measurement(handled, start, end)
 
 
+# -- PgQueuer ---------------------------------------------------------------------------------
+
+
+async def _run_pgqueuer(job: PgQueuerJob, send: Callable[[tuple[str, Any]], None]) -> Measurement:
+    """Drain the queued jobs with one PgQueuer consumer as its README writes one (``PgQueuer``
+    over an ``AsyncpgDriver`` connection, an ``entrypoint``, ``run(mode=drain)``), the job
+    handler doing one INSERT through a shared asyncpg pool (PgQueuer runs handlers outside any
+    transaction of its own). The clock starts once the connections are open (in PgQueuer's
+    favour: the daemon's pool connects inside its timing) and stops when ``run`` returns: every
+    job handled and its completion recorded (the job deleted from the queue)."""
+    from pgqueuer import PgQueuer
+    from pgqueuer.db import AsyncpgDriver
+    from pgqueuer.models import Job as PgqJob
+    from pgqueuer.types import QueueExecutionMode
+
+    handled = 0
+    last_effect = 0.0
+    app = {"application_name": "pgreact-bench-pgqueuer"}
+    conn = await asyncpg.connect(job.url, server_settings=app)
+    pool = await asyncpg.create_pool(
+        job.url, min_size=job.pool_size, max_size=job.pool_size, server_settings=app
+    )
+    try:
+        pgq = PgQueuer(AsyncpgDriver(conn))
+
+        @pgq.entrypoint(PGQUEUER_ENTRYPOINT)
+        async def handle(pjob: PgqJob) -> None:
+            nonlocal handled, last_effect
+            image = orjson.loads(pjob.payload or b"{}")
+            await pool.execute(BASE_EFFECT, image["id"], pjob.id, image["account"])
+            handled += 1
+            last_effect = time.time()
+
+        start = _mark_start(job.server_pid)
+        send(("ready", start.wall))
+        await pgq.run(batch_size=job.batch_size, mode=QueueExecutionMode.drain)
+        end = _mark_end(job.server_pid)
+    finally:
+        await pool.close()
+        await conn.close()
+    if handled != job.expect:
+        raise BenchFailure(f"PgQueuer handled {handled} jobs, expected {job.expect}")
+    # How long after the last handler returned PgQueuer noticed it was done (to the log).
+    print(
+        f"pgqueuer: run() returned {end.wall - last_effect:.3f} s after the last effect",
+        file=sys.stderr,
+    )
+    return _measurement(handled, start, end)
+
+
 # -- process plumbing -------------------------------------------------------------------------
 
 
@@ -297,7 +390,7 @@ def _loop_options() -> dict[str, Any]:
     return {"use_uvloop": True}
 
 
-def child_main(job: DaemonJob | BaselineJob, conn: Connection) -> None:
+def child_main(job: Job, conn: Connection) -> None:
     """Entry point of the measured process."""
     with open(job.log_path, "ab") as log:
         os.dup2(log.fileno(), 2)
@@ -308,9 +401,13 @@ def child_main(job: DaemonJob | BaselineJob, conn: Connection) -> None:
             )
             if job.latency_out:
                 Path(job.latency_out).write_bytes(orjson.dumps(clock.samples))
-        else:
+        elif isinstance(job, BaselineJob):
             result = anyio.run(
                 _run_baseline, job, conn.send, backend="asyncio", backend_options=_loop_options()
+            )
+        else:
+            result = anyio.run(
+                _run_pgqueuer, job, conn.send, backend="asyncio", backend_options=_loop_options()
             )
         conn.send(("result", result))
     except BaseException as exc:
@@ -400,7 +497,7 @@ def warm_up() -> Any:
     return _CONTEXT
 
 
-def start(job: DaemonJob | BaselineJob) -> Handle:
+def start(job: Job) -> Handle:
     """Fork a measured process from the pre-imported fork server."""
     context = warm_up()
     receiver, sender = context.Pipe(duplex=False)

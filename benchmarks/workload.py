@@ -16,10 +16,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from service import Event, Router
+from service.copy import copy_rows
 
-Kind = Literal["single", "batch"]
-KINDS: Final[tuple[Kind, ...]] = ("single", "batch")
-HANDLER_NAMES: Final[dict[Kind, str]] = {"single": "bench_single", "batch": "bench_batch"}
+Kind = Literal["single", "batch", "copy"]
+KINDS: Final[tuple[Kind, ...]] = ("single", "batch", "copy")
+HANDLER_NAMES: Final[dict[Kind, str]] = {
+    "single": "bench_single",
+    "batch": "bench_batch",
+    "copy": "bench_copy",
+}
 SCHEMA: Final = "pgreact"
 
 TABLES_SQL: Final = """
@@ -47,7 +52,30 @@ CREATE TABLE jobs (
 """
 FILL_JOBS_SQL: Final = "INSERT INTO jobs (payload) SELECT to_jsonb(s) FROM source s ORDER BY s.id"
 
+
+def fill_bare_jobs_sql(count: int) -> str:
+    """The bare drain's job table: ``count`` rows shaped like the writers' (``to_jsonb`` of a
+    source-like row), made in one statement: its backlog is much larger than the others'."""
+    return f"""
+    INSERT INTO jobs (payload)
+    SELECT to_jsonb(s) FROM (
+        SELECT i::bigint AS id, i % 997 AS account,
+               ((i % 100000) / 100.0)::numeric(12, 2) AS amount,
+               (ARRAY['new', 'paid', 'shipped', 'cancelled'])[i % 4 + 1] AS status,
+               'order ' || lpad(i::text, 10) || ' from the benchmark writer, padded' AS note,
+               clock_timestamp() AS created_at
+        FROM generate_series(1, {int(count)}) AS i
+    ) s
+    """
+
+
+# PgQueuer's baseline: one entrypoint, the job's payload is the source row image (JSON).
+PGQUEUER_ENTRYPOINT: Final = "bench_effect"
+PAYLOADS_SQL: Final = "SELECT to_jsonb(s)::text FROM source s ORDER BY s.id"
+
 EFFECT = text("INSERT INTO effects (source_id, event_id, account) VALUES (:s, :e, :a)")
+EFFECT_TABLE: Final = "public.effects"
+EFFECT_COLUMNS: Final = ("source_id", "event_id", "account")
 _NOTE_KEY: Final = "pgreact_bench_ids"
 
 
@@ -100,7 +128,8 @@ def _params(event: Event) -> dict[str, int]:
 
 
 def make_router(kind: Kind, batch_max_size: int = 100) -> Router:
-    """The handler under test: (a) one INSERT per event, or (b) one executemany per batch."""
+    """The handler under test: (a) one INSERT per event, (b) one executemany per batch, or
+    (c) one COPY per batch (``copy_rows``)."""
     router = Router()
     if kind == "single":
 
@@ -110,7 +139,7 @@ def make_router(kind: Kind, batch_max_size: int = 100) -> Router:
             await session.execute(EFFECT, params)
             clock.note(session, [params["s"]])
 
-    else:
+    elif kind == "batch":
 
         @router.on_batch(
             "public.source", ops=("INSERT",), name=HANDLER_NAMES["batch"], max_size=batch_max_size
@@ -119,5 +148,15 @@ def make_router(kind: Kind, batch_max_size: int = 100) -> Router:
             rows = [_params(e) for e in events]
             await session.execute(EFFECT, rows)
             clock.note(session, [r["s"] for r in rows])
+
+    else:
+
+        @router.on_batch(
+            "public.source", ops=("INSERT",), name=HANDLER_NAMES["copy"], max_size=batch_max_size
+        )
+        async def copy(events: Sequence[Event], session: AsyncSession) -> None:
+            records = [(p["s"], p["e"], p["a"]) for p in map(_params, events)]
+            await copy_rows(session, EFFECT_TABLE, EFFECT_COLUMNS, records)
+            clock.note(session, [r[0] for r in records])
 
     return router

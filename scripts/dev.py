@@ -49,7 +49,7 @@ def demo(args: list[str]) -> None:
 
 
 def test(args: list[str]) -> None:
-    ensure_venv("test,demo,speed")
+    ensure_venv("test,demo,speed,bench")
     tools = ROOT / "scripts" / "install-test-tools.sh"
     if tools.exists():
         sh("bash", tools)
