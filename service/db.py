@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,10 +199,12 @@ def create_write_engine(settings: Settings, *, application_name: str | None = No
         max_overflow=settings.max_overflow,
         pool_timeout=settings.pool_timeout,
         pool_recycle=settings.pool_recycle,
-        pool_pre_ping=settings.pool_pre_ping,
+        pool_pre_ping=False,  # see _ping_when_idle
         connect_args=write_connect_args(settings, application_name=application_name),
     )
     event.listen(engine.sync_engine, "handle_error", _recognise_disconnects)
+    if settings.pool_pre_ping:
+        _ping_when_idle(engine)
     idle = keepalive_idle(settings)
     if settings.write_driver == "asyncpg" and idle:
         # asyncpg has no keepalive parameters (libpq's are psycopg's): set them on the socket.
@@ -210,6 +213,37 @@ def create_write_engine(settings: Settings, *, application_name: str | None = No
 
         event.listen(engine.sync_engine, "connect", keepalives)
     return engine
+
+
+# A pooled connection that was in use this recently is known to work. SQLAlchemy's own pre-ping
+# pings at every checkout: a round trip per batch (three on asyncpg: BEGIN, ping, ROLLBACK) on a
+# connection that had just committed. A dead connection that slips through is recognised on first
+# use (``_recognise_disconnects``) and its batch retried without spending an attempt.
+PING_AFTER_IDLE = 1.0
+_LAST_CHECKIN = "pgreact_last_checkin"
+
+
+def _ping_when_idle(engine: AsyncEngine) -> None:
+    """``PGREACT_POOL_PRE_PING``: ping a pooled connection at checkout when it has been idle for
+    more than :data:`PING_AFTER_IDLE` seconds; a failed ping makes the pool replace it."""
+    dialect = engine.sync_engine.dialect
+
+    def checkin(_dbapi_connection: Any, record: Any) -> None:
+        if record is not None:
+            record.info[_LAST_CHECKIN] = time.monotonic()
+
+    def checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        last = record.info.get(_LAST_CHECKIN)
+        if last is None or time.monotonic() - last < PING_AFTER_IDLE:
+            return  # new (just connected) or in use a moment ago
+        try:
+            dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            message = f"pooled connection failed its ping: {exc}"
+            raise sqlalchemy.exc.DisconnectionError(message) from exc
+
+    event.listen(engine.sync_engine, "checkin", checkin)
+    event.listen(engine.sync_engine, "checkout", checkout)
 
 
 def _asyncpg_keepalives(dbapi_connection: Any, idle: int) -> None:

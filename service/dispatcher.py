@@ -26,15 +26,17 @@ import structlog
 from anyio.abc import TaskStatus
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
+from service.calls import HandlerCalls
 from service.db import connection_is_suspect, is_transient
 from service.errors import HandlerMisuse, LeaseLost
-from service.metrics import Metrics
+from service.metrics import Metrics, observe_many
 from service.router import DurableHandler
 from service.store import Claimed, Store
 
 log = structlog.get_logger("pgreact.dispatcher")
 
 CLAIM_FAILED = -1
+CLAIM_TIMEOUT = 30.0  # seconds; a claim takes milliseconds, this only bounds a hung server
 RETRY_MIN, RETRY_MAX = 0.1, 1.0  # seconds between claim attempts while the database is away
 
 
@@ -143,6 +145,8 @@ class Dispatcher:
         self._config = config
         self._slots = anyio.Semaphore(config.concurrency)
         self._wakeups = {h.name: Wakeup() for h in self._handlers}
+        self._handler_metrics = {h.name: metrics.for_handler(h.name) for h in self._handlers}
+        self._claiming = {h.name: anyio.Lock() for h in self._handlers}
         self._by_table: dict[str, list[str]] = {}
         for h in self._handlers:
             self._by_table.setdefault(h.table.qualified, []).append(h.name)
@@ -296,23 +300,8 @@ class Dispatcher:
         reason: BaseException | str = "interrupted by shutdown before it finished"
         try:
             async with self._engine.connect() as first:
-                # At most one suspect (an event that failed or was abandoned before) in
-                # flight per process: if it kills the process, nothing else is blamed.
-                take_suspect = not self._suspect_inflight
-                self._suspect_inflight = True
-                self._suspect_denied |= not take_suspect
-                holds_suspect = take_suspect
-                try:
-                    claimed = await self._store.claim(
-                        first, handler.name, limit, unit.token, suspects=int(take_suspect)
-                    )
-                    holds_suspect = take_suspect and any(c.failed_before for c in claimed)
-                    if take_suspect and not holds_suspect:
-                        self._release_suspect_slot()
-                except Exception as exc:
-                    if connection_is_suspect(exc):
-                        await first.invalidate()  # never hand a broken connection back
-                    raise
+                claimed = await self._claim(first, unit, limit)
+                holds_suspect = any(c.failed_before for c in claimed)
                 unit.open_ids = {c.delivery_id for c in claimed}
                 task_status.started(len(claimed))
                 started = True
@@ -339,6 +328,34 @@ class Dispatcher:
             self._units.pop(unit.token, None)
             self._slots.release()
             self._check_idle()
+
+    async def _claim(self, conn: AsyncConnection, unit: _Unit, limit: int) -> list[Claimed]:
+        """Claim a batch for ``unit``. One claim at a time per handler in this process: claims
+        running side by side all scan the same head of the queue and skip each other's rows,
+        which cost the server more than the claims themselves."""
+        handler = unit.handler
+        async with self._claiming[handler.name]:
+            # At most one suspect (an event that failed or was abandoned before) in flight per
+            # process: if it kills the process, nothing else is blamed.
+            take_suspect = not self._suspect_inflight
+            self._suspect_inflight = True
+            self._suspect_denied |= not take_suspect
+            try:
+                # The claim commits on the server whether or not its answer arrives: shielded,
+                # so that a shutdown cannot cancel it between the two and orphan the batch.
+                with anyio.CancelScope(shield=True), anyio.fail_after(CLAIM_TIMEOUT):
+                    claimed = await self._store.claim(
+                        conn, handler.name, limit, unit.token, suspects=int(take_suspect)
+                    )
+            except BaseException as exc:
+                if take_suspect:
+                    self._release_suspect_slot()
+                if isinstance(exc, Exception) and connection_is_suspect(exc):
+                    await conn.invalidate()  # never hand a broken connection back
+                raise
+        if take_suspect and not any(c.failed_before for c in claimed):
+            self._release_suspect_slot()
+        return claimed
 
     async def _work(self, conn: _Connection, unit: _Unit, claimed: list[Claimed]) -> None:
         handler = unit.handler
@@ -377,61 +394,40 @@ class Dispatcher:
 
     async def _attempt(self, conn: _Connection, unit: _Unit, group: list[Claimed]) -> _Outcome:
         handler = unit.handler
+        metrics = self._handler_metrics[handler.name]
         outcome = _Outcome()
+        calls = HandlerCalls(handler, self._config.handler_timeout)
+        handled = False
         try:
             db = await conn.get()
             session = HandlerSession(bind=db, expire_on_commit=False)
             async with session, session.begin():
-                if handler.batch:
-                    await self._call(handler, group, session)
-                else:
-                    for index, item in enumerate(group):
-                        outcome.failed_index = index
-                        await self._call(handler, [item], session)
-                    outcome.failed_index = None
+                await calls.run([c.event for c in group], session)
+                handled = True
                 acked = await self._store.ack(
                     await session.connection(), [c.delivery_id for c in group], unit.token
                 )
                 if acked != len(group):
                     raise LeaseLost(f"{len(group) - acked} of {len(group)} events were taken over")
         except LeaseLost as exc:
-            self._metrics.lease_conflicts.labels(handler.name).inc()
+            metrics.lease_conflicts.inc()
             log.warning("lease_lost", handler=handler.name, detail=str(exc))
             outcome.lease_lost = True
             return outcome
         except Exception as exc:
             outcome.error = exc
+            outcome.failed_index = None if handled else calls.current
             if connection_is_suspect(exc):
                 await conn.discard()
             return outcome
+        finally:
+            observe_many(metrics.duration, calls.durations)
         now = time.time()
-        ok = self._metrics.events_handled.labels(handler.name, "ok")
-        lag = self._metrics.event_lag.labels(handler.name)
-        ok.inc(len(group))
-        for item in group:
-            lag.observe(max(0.0, now - item.event.created_at.timestamp()))
+        metrics.ok.inc(len(group))
+        observe_many(metrics.lag, [max(0.0, now - c.created) for c in group])
         log.debug("handled", handler=handler.name, events=len(group))
         outcome.ok = True
         return outcome
-
-    async def _call(
-        self, handler: DurableHandler, group: Sequence[Claimed], session: AsyncSession
-    ) -> None:
-        started = time.perf_counter()
-        first = group[0].event
-        context: dict[str, object] = {"handler": handler.name, "table": first.table}
-        if len(group) == 1:
-            context |= {"event_id": first.id, "op": first.op, "attempt": first.attempt}
-        try:
-            with (
-                structlog.contextvars.bound_contextvars(**context),
-                anyio.fail_after(self._config.handler_timeout),
-            ):
-                await handler.call([c.event for c in group], session)
-        finally:
-            self._metrics.handler_duration.labels(handler.name).observe(
-                time.perf_counter() - started
-            )
 
     async def _record_failure(
         self, conn: _Connection, unit: _Unit, item: Claimed, error: BaseException
@@ -443,13 +439,14 @@ class Dispatcher:
         result = await self._store.fail(db, item.delivery_id, unit.token, message)
         unit.open_ids.discard(item.delivery_id)
         if result is None:
-            self._metrics.lease_conflicts.labels(handler.name).inc()
+            self._handler_metrics[handler.name].lease_conflicts.inc()
             return
         dead, retry_in = result
         if not dead:
             self._retry_at(handler.name, retry_in)
         outcome = "dead" if dead else "retry"
-        self._metrics.events_handled.labels(handler.name, outcome).inc()
+        metrics = self._handler_metrics[handler.name]
+        (metrics.dead if dead else metrics.retry).inc()
         logger = log.error if dead else log.warning
         logger(
             "handler_failed",
@@ -468,7 +465,7 @@ class Dispatcher:
         self, conn: _Connection, unit: _Unit, group: list[Claimed], error: BaseException
     ) -> None:
         handler = unit.handler
-        self._metrics.transient_errors.labels(handler.name).inc()
+        self._handler_metrics[handler.name].transient_errors.inc()
         self._log_error("transient_error", handler.name, error)
         ids = [c.delivery_id for c in group]
         db = await conn.get()

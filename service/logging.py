@@ -1,17 +1,39 @@
 """structlog configuration: one call, JSON lines by default, console for humans.
 
-``merge_contextvars`` comes first so fields bound with ``bind_contextvars`` (handler, event id,
-attempt …) appear on every line logged while handling an event.
+``merge_contextvars`` comes first so fields bound with ``bind_contextvars`` appear on every line;
+:func:`handling` does the same for the event being handled (handler, table, event id, op,
+attempt) with one context variable, cheap enough to set around every handler call.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
+from collections.abc import Mapping
+from contextvars import ContextVar, Token
+from typing import Any, Literal
 
 import orjson
 import structlog
+
+_handling: ContextVar[Mapping[str, object] | None] = ContextVar("pgreact_handling", default=None)
+
+
+def handling(fields: Mapping[str, object] | None) -> Token[Mapping[str, object] | None]:
+    """Put ``fields`` on every line logged in this context until :func:`reset_handling`."""
+    return _handling.set(fields)
+
+
+def reset_handling(token: Token[Mapping[str, object] | None]) -> None:
+    _handling.reset(token)
+
+
+def merge_handling(_logger: Any, _method: str, event_dict: Any) -> Any:
+    fields = _handling.get()
+    if fields:
+        for key, value in fields.items():
+            event_dict.setdefault(key, value)
+    return event_dict
 
 
 def _dumps(obj: object, default: object = None) -> str:
@@ -33,6 +55,7 @@ def configure_logging(
         renderer = structlog.processors.JSONRenderer(serializer=_dumps)
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
+        merge_handling,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

@@ -26,7 +26,7 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service.events import Event, Op
+from service.events import Event
 from service.sql import quote_ident
 
 MAX_ERROR_LENGTH = 4000
@@ -39,6 +39,7 @@ class Claimed:
     delivery_id: int
     event: Event
     failed_before: bool
+    created: float  # event.created_at as a Unix timestamp, for the lag metric
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +135,8 @@ class Store:
             -- an array, not a join: the ids are computed once and the update probes the
             -- primary key (a join sometimes got a plan that scanned the whole queue)
             WHERE q.id = ANY(ARRAY(SELECT id FROM fresh UNION ALL SELECT id FROM suspect))
+              -- commit without waiting for the WAL flush (see ``claim``)
+              AND (SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL
             RETURNING q.id, q.change_id, q.table_name, q.op, q.row_key,
                       q.new_row::text, q.old_row::text, q.created_at, q.attempts,
                       q.last_error IS NOT NULL
@@ -219,7 +222,16 @@ class Store:
         self, conn: AsyncConnection, handler: str, limit: int, token: int, suspects: int = 1
     ) -> list[Claimed]:
         """Lease up to ``limit`` fresh deliveries and up to ``suspects`` that failed before, and
-        commit, so the attempt is on record."""
+        commit, so the attempt is on record.
+
+        One statement in autocommit mode (no BEGIN/COMMIT round trips), committed
+        asynchronously: if the server crashed before that commit reached the disk, the claim
+        would be lost with it and the events simply claimed again, and the handler's own commit,
+        which does wait, flushes the claim's WAL before its own. A *process* crash cannot lose
+        it. ``conn`` must not be in a transaction; it is left in its default isolation level.
+        """
+        default_isolation = conn.default_isolation_level
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
         result = await conn.execute(
             self._claim,
             {
@@ -232,24 +244,14 @@ class Store:
             },
         )
         rows = result.all()
-        await conn.commit()
-        claimed = [
-            Claimed(
-                delivery_id=r[0],
-                event=Event(
-                    id=r[1],
-                    table=r[2],
-                    op=cast(Op, r[3]),
-                    key=r[4],
-                    new=decode_row(r[5]),
-                    old=decode_row(r[6]),
-                    created_at=r[7].astimezone(UTC),  # psycopg answers in the session's zone
-                    attempt=r[8],
-                ),
-                failed_before=bool(r[9]),
-            )
-            for r in rows
-        ]
+        await conn.commit()  # ends SQLAlchemy's transaction object; the server already committed
+        await conn.execution_options(isolation_level=default_isolation)
+        claimed = []
+        for r in rows:
+            created_at = r[7].astimezone(UTC)  # psycopg answers in the session's time zone
+            new, old = decode_row(r[5]), decode_row(r[6])
+            event = Event(r[1], r[2], r[3], r[4], new, old, created_at, r[8])
+            claimed.append(Claimed(r[0], event, bool(r[9]), created_at.timestamp()))
         claimed.sort(key=lambda c: c.delivery_id)
         return claimed
 

@@ -315,6 +315,11 @@ def in_transaction(dsn: str) -> int:
     )
 
 
+def claimed_by(dsn: str, handler: str) -> int:
+    statement = "SELECT count(*) FROM pgreact.queue WHERE handler = %s AND claim_token IS NOT NULL"
+    return int(sql(dsn, statement, [handler])[0][0])
+
+
 def test_drain_timeout_rolls_back_gives_claims_back_and_logs_json(
     spawn: Spawner, pg_dsn: str, driver: str, request: pytest.FixtureRequest
 ) -> None:
@@ -325,7 +330,12 @@ def test_drain_timeout_rolls_back_gives_claims_back_and_logs_json(
     )
     daemon.wait_started()
     sql(pg_dsn, "INSERT INTO source SELECT g, g FROM generate_series(1, %s::int) g", [total])
-    poll(lambda: in_transaction(pg_dsn) > 0, 20, "a handler inside its transaction")
+    # The slow handler (not only the quick batch one) must be inside its transaction.
+    poll(
+        lambda: in_transaction(pg_dsn) > 0 and claimed_by(pg_dsn, "single") > 0,
+        20,
+        "a handler inside its transaction",
+    )
     assert effect_counts(pg_dsn, "single")[0] == 0  # nothing committed yet
 
     code, took = daemon.terminate(timeout=20)

@@ -1,0 +1,87 @@
+"""Calling one durable handler over a group of events: per-call timeout, duration and log context.
+
+This runs once per event for ``on`` handlers, so it is built to cost next to nothing per call:
+one timer per group instead of a cancel scope per call (the timer, when it fires, looks at when
+the call in progress started), and the event's log fields in one context variable instead of a
+``bind_contextvars`` per field. Together these were most of the daemon's own CPU per event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import anyio
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.events import Event
+from service.logging import handling, reset_handling
+from service.router import DurableHandler
+
+
+class HandlerCalls:
+    """Runs ``handler`` over ``events`` in the caller's transaction.
+
+    After :meth:`run` raises, :attr:`current` is the index of the call that failed (always 0 for
+    a batch handler, whose one call covers every event). A call that runs longer than
+    ``timeout`` seconds is cancelled and surfaces as :class:`TimeoutError`.
+    """
+
+    def __init__(self, handler: DurableHandler, timeout: float) -> None:
+        self.handler = handler
+        self.timeout = timeout
+        self.current = 0
+        self.durations: list[float] = []
+        self._started = 0.0
+        self._expired = False
+        self._scope = anyio.CancelScope()
+        self._loop = asyncio.get_running_loop()  # built inside the task that runs the calls
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def run(self, events: Sequence[Event], session: AsyncSession) -> None:
+        loop = self._loop
+        handler = self.handler
+        with self._scope:
+            self._started = loop.time()
+            self._timer = loop.call_at(self._started + self.timeout, self._check)
+            try:
+                if handler.batch:
+                    await self._call(events, session, events[0])
+                else:
+                    for index, event in enumerate(events):
+                        self.current = index
+                        await self._call(event, session, event)
+            finally:
+                if self._timer is not None:
+                    self._timer.cancel()
+        if self._expired:
+            raise TimeoutError(f"handler call exceeded {self.timeout:g} s")
+
+    async def _call(self, arg: object, session: AsyncSession, event: Event) -> None:
+        self._started = started = self._loop.time()
+        token = handling(
+            {
+                "handler": self.handler.name,
+                "table": event.table,
+                "event_id": event.id,
+                "op": event.op,
+                "attempt": event.attempt,
+            }
+            if not self.handler.batch
+            else {"handler": self.handler.name, "table": event.table}
+        )
+        try:
+            await self.handler.func(arg, session)
+        finally:
+            reset_handling(token)
+            self.durations.append(self._loop.time() - started)
+
+    def _check(self) -> None:
+        """Timer callback: cancel the call in progress if it is overdue, else look again when
+        it will be."""
+        due = self._started + self.timeout
+        if self._loop.time() >= due:
+            self._expired = True
+            self._scope.cancel()
+        else:
+            self._timer = self._loop.call_at(due, self._check)
