@@ -77,6 +77,18 @@ def connection_is_suspect(exc: BaseException) -> bool:
     return is_transient(exc)
 
 
+def driver_disconnect(exc: BaseException) -> bool:
+    """A raw driver error (not wrapped by SQLAlchemy) that says the connection, and likely the
+    server's other connections too, is gone: class 08, an admin/crash shutdown, or a
+    client-side failure without any SQLSTATE."""
+    code = sqlstate_of(exc)
+    if code is not None:
+        return code.startswith("08") or code in {"57P01", "57P02", "57P03"}
+    return isinstance(exc, OSError) or any(
+        type(e).__name__ in CLIENT_CONNECTION_ERRORS | {"OperationalError"} for e in _chain(exc)
+    )
+
+
 # TCP keepalives on every write connection: a cloud load balancer or NAT between the pod and
 # the database (or PgBouncer) silently forgets idle flows (AWS NLB after 350 s, Azure after 4
 # min by default). Probing after 60 s of silence keeps the flow alive, and a peer that vanished

@@ -24,10 +24,11 @@ import anyio
 import anyio.abc
 import structlog
 from anyio.abc import TaskStatus
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from service.calls import HandlerCalls
-from service.db import connection_is_suspect, is_transient
+from service.db import connection_is_suspect, driver_disconnect, is_transient
 from service.errors import HandlerMisuse, LeaseLost
 from service.metrics import Metrics, observe_many
 from service.router import DurableHandler
@@ -36,6 +37,7 @@ from service.store import Claimed, Store
 log = structlog.get_logger("pgreact.dispatcher")
 
 CLAIM_FAILED = -1
+_PROBE = text("SELECT 1")
 CLAIM_TIMEOUT = 30.0  # seconds; a claim takes milliseconds, this only bounds a hung server
 RETRY_MIN, RETRY_MAX = 0.1, 1.0  # seconds between claim attempts while the database is away
 
@@ -350,12 +352,24 @@ class Dispatcher:
             except BaseException as exc:
                 if take_suspect:
                     self._release_suspect_slot()
-                if isinstance(exc, Exception) and connection_is_suspect(exc):
-                    await conn.invalidate()  # never hand a broken connection back
+                if isinstance(exc, Exception):
+                    await self._claim_failed(conn, exc)
                 raise
         if take_suspect and not any(c.failed_before for c in claimed):
             self._release_suspect_slot()
         return claimed
+
+    @staticmethod
+    async def _claim_failed(conn: AsyncConnection, exc: Exception) -> None:
+        """The claim ran on the driver beneath SQLAlchemy, which did not see its error. Never
+        hand the connection back; and if the server went away, let SQLAlchemy see that too, so
+        that it retires the pool's other connections (as dead as this one) instead of handing
+        them out one failed claim at a time."""
+        with contextlib.suppress(Exception):
+            if driver_disconnect(exc):
+                await conn.execute(_PROBE)
+        with contextlib.suppress(Exception):
+            await conn.invalidate()
 
     async def _work(self, conn: _Connection, unit: _Unit, claimed: list[Claimed]) -> None:
         handler = unit.handler

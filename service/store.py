@@ -16,7 +16,8 @@ still counts and a crash loop ends in the dead-letter state. Every later write i
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -83,6 +84,53 @@ def decode_row(raw: str | None) -> dict[str, Any] | None:
         return cast(dict[str, Any], json.loads(raw, parse_float=Decimal))
 
 
+# SQLAlchemy's own rule for a bind parameter in text(): ``:name``, but not ``::type``.
+_BIND = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")
+
+
+class DriverStatement:
+    """A statement that runs on the driver's own connection beneath SQLAlchemy, outside any
+    transaction (so it commits by itself).
+
+    The claim runs once per batch, and at the few events per batch of a steady trickle,
+    SQLAlchemy's execution machinery around it cost more client CPU than the statement's round
+    trip: about 0.45 ms of about 0.6 ms (asyncpg, measured on the claim of an empty queue).
+    Written with ``:name`` parameters, like the other statements.
+    """
+
+    def __init__(self, sql: str) -> None:
+        self.sql = sql
+        order: list[str] = []
+
+        def numbered(match: re.Match[str]) -> str:
+            if match.group(1) not in order:
+                order.append(match.group(1))
+            return f"${order.index(match.group(1)) + 1}"
+
+        self._asyncpg_sql = _BIND.sub(numbered, sql)
+        self._names = tuple(order)
+        self._psycopg_sql = _BIND.sub(r"%(\1)s", sql.replace("%", "%%"))
+
+    async def fetch_autocommit(
+        self, conn: AsyncConnection, params: Mapping[str, Any]
+    ) -> Sequence[Sequence[Any]]:
+        """Run on ``conn``, which must not be in a transaction, and return the rows."""
+        raw = await conn.get_raw_connection()
+        driver: Any = raw.driver_connection
+        if conn.dialect.driver == "asyncpg":
+            # asyncpg outside a transaction block: the statement is its own transaction.
+            return cast(
+                Sequence[Sequence[Any]],
+                await driver.fetch(self._asyncpg_sql, *(params[n] for n in self._names)),
+            )
+        await driver.set_autocommit(True)
+        try:
+            cursor = await driver.execute(self._psycopg_sql, params)
+            return cast(Sequence[Sequence[Any]], await cursor.fetchall())
+        finally:
+            await driver.set_autocommit(False)
+
+
 class Store:
     """SQL over pgreact's queue, for one schema and one owning process."""
 
@@ -117,7 +165,7 @@ class Store:
                       SELECT 1 FROM {q} p
                       WHERE p.handler = q.handler AND p.order_key = q.order_key
                         AND p.id < q.id AND p.dead_at IS NULL))"""
-        self._claim = text(f"""
+        self._claim = DriverStatement(f"""
             WITH fresh AS (
                 SELECT q.id FROM {q} q
                 WHERE {ready} AND q.last_error IS NULL
@@ -211,8 +259,11 @@ class Store:
                    extract(epoch FROM now() - min(created_at) FILTER (WHERE dead_at IS NULL))
             FROM {q} GROUP BY handler
         """)
+        # Committed without waiting for the WAL flush, like a claim: a re-arm lost in a server
+        # crash only means the next change waits for a sweep or the reconnect's catch-up.
         self._arm = text(
-            f"UPDATE {quote_ident(schema)}.doorbell SET armed = true WHERE NOT armed RETURNING 1"
+            f"UPDATE {quote_ident(schema)}.doorbell SET armed = true WHERE NOT armed "
+            "AND (SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL RETURNING 1"
         )
         self._q = q
 
@@ -228,12 +279,11 @@ class Store:
         asynchronously: if the server crashed before that commit reached the disk, the claim
         would be lost with it and the events simply claimed again, and the handler's own commit,
         which does wait, flushes the claim's WAL before its own. A *process* crash cannot lose
-        it. ``conn`` must not be in a transaction; it is left in its default isolation level.
+        it. ``conn`` must not be in a transaction. Errors are the driver's own (asyncpg or
+        psycopg exceptions), not SQLAlchemy's.
         """
-        default_isolation = conn.default_isolation_level
-        await conn.execution_options(isolation_level="AUTOCOMMIT")
-        result = await conn.execute(
-            self._claim,
+        rows = await self._claim.fetch_autocommit(
+            conn,
             {
                 "handler": handler,
                 "limit": limit,
@@ -243,9 +293,6 @@ class Store:
                 "lease": self.lease_seconds,
             },
         )
-        rows = result.all()
-        await conn.commit()  # ends SQLAlchemy's transaction object; the server already committed
-        await conn.execution_options(isolation_level=default_isolation)
         claimed = []
         for r in rows:
             created_at = r[7].astimezone(UTC)  # psycopg answers in the session's time zone

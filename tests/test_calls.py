@@ -3,7 +3,7 @@ context), batched histogram observation, and a claim whose plan stays cheap on a
 
 from __future__ import annotations
 
-import json
+import logging
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import Event, Router
 from service.calls import HandlerCalls
-from service.logging import configure_logging
+from service.logging import configure_logging, merge_handling
 from service.metrics import LAG_BUCKETS, observe_many
 from service.router import DurableHandler
 from service.store import Store
@@ -84,23 +84,38 @@ async def test_a_hung_call_is_cancelled_and_named() -> None:
     assert len(calls.durations) == 2
 
 
-async def test_handler_log_lines_carry_the_event(capsys: pytest.CaptureFixture[str]) -> None:
-    configure_logging("json", "INFO", cache=False)
-    router = Router()
+async def test_handler_log_lines_carry_the_event() -> None:
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    lines: list[dict[str, Any]] = []
 
-    @router.on("public.source", name="chatty")
-    async def chatty(e: Event, _session: AsyncSession) -> None:
-        structlog.get_logger("user").info("hello", n=e.id)
+    def capture(_logger: Any, _method: str, event_dict: Any) -> Any:
+        lines.append(dict(event_dict))
+        raise structlog.DropEvent
 
-    @router.on_batch("public.source", name="chatty_batch")
-    async def chatty_batch(events: Sequence[Event], _session: AsyncSession) -> None:
-        structlog.get_logger("user").info("batch", size=len(events))
+    try:
+        configure_logging("json", "INFO", cache=False)
+        processors = structlog.get_config()["processors"]
+        assert merge_handling in processors
+        structlog.configure(processors=[*processors[:-1], capture])
+        router = Router()
 
-    single, batch = router.durable
-    await HandlerCalls(single, 1).run([event(7)], NO_SESSION)
-    await HandlerCalls(batch, 1).run([event(8), event(9)], NO_SESSION)
-    structlog.get_logger("user").info("outside")
-    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+        @router.on("public.source", name="chatty")
+        async def chatty(e: Event, _session: AsyncSession) -> None:
+            structlog.get_logger("user").info("hello", n=e.id)
+
+        @router.on_batch("public.source", name="chatty_batch")
+        async def chatty_batch(events: Sequence[Event], _session: AsyncSession) -> None:
+            structlog.get_logger("user").info("batch", size=len(events))
+
+        single, batch = router.durable
+        await HandlerCalls(single, 1).run([event(7)], NO_SESSION)
+        await HandlerCalls(batch, 1).run([event(8), event(9)], NO_SESSION)
+        structlog.get_logger("user").info("outside")
+    finally:
+        structlog.configure(**saved)
+        root.handlers[:], root.level = saved_handlers, saved_level
     by_event = {line["event"]: line for line in lines}
     assert by_event["hello"] | {"timestamp": None} == {
         "event": "hello",
@@ -131,7 +146,7 @@ async def test_claim_stays_cheap_on_a_long_backlog(pg_dsn: str, sa_url: str) -> 
     await install(sa_url, router)
     sql(pg_dsn, "INSERT INTO source SELECT g, g FROM generate_series(1, 20000) g")
     sql(pg_dsn, "ANALYZE pgreact.queue")
-    claim = str(Store("pgreact")._claim)
+    claim = Store("pgreact")._claim.sql
     names: list[str] = []
 
     def placeholder(match: re.Match[str]) -> str:
