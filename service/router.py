@@ -88,14 +88,6 @@ class DurableHandler:
     ordered: bool
     key: tuple[str, ...] | None  # ``None``: order by the table's primary key
 
-    async def call(self, events: Sequence[Event], session: AsyncSession) -> None:
-        """Run the user function; a batch handler gets all ``events`` in one call."""
-        if self.batch:
-            await self.func(events, session)
-        else:
-            (event,) = events
-            await self.func(event, session)
-
 
 @dataclass(frozen=True, slots=True)
 class NotifyHandler:
