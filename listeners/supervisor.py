@@ -73,6 +73,8 @@ class Listener:
     * ``reconnects`` — connections lost so far (each one is followed by a reconnect attempt);
     * ``queue_usage`` — last ``pg_notification_queue_usage()`` (0..1);
     * ``last_heartbeat_ok`` — ``time.monotonic()`` of the last good heartbeat, or ``None``;
+    * ``last_error`` — why the last connection was lost or the last attempt failed (``None``
+      while connected), for probes: e.g. ``cannot execute LISTEN during recovery``;
     * ``backend_name`` — ``asyncpg``, ``psycopg`` or ``memory``;
     * ``connection`` — the current connection while connected, else ``None``.
 
@@ -138,6 +140,7 @@ class Listener:
         self.reconnects = 0
         self.queue_usage = 0.0
         self.last_heartbeat_ok: float | None = None
+        self.last_error: str | None = None
         self.connection: ListenerConnection | None = None
 
         self._running = False
@@ -172,6 +175,7 @@ class Listener:
                 try:
                     conn = await self._open()
                 except ListenerError as exc:
+                    self.last_error = str(exc)
                     delay = self._backoff.next_delay()
                     self._log_connect_failure(exc, attempt, delay)
                     await anyio.sleep(delay)
@@ -187,6 +191,7 @@ class Listener:
                 attempt = 0
                 self._failures_logged.clear()
                 self.connection = conn
+                self.last_error = None
                 self.connected = True
                 if self._healthy_after <= 0:
                     # A connection that passed LISTEN and a heartbeat counts as healthy at once:
@@ -207,6 +212,7 @@ class Listener:
                         await self._close(conn)
 
                 lost_at = time.monotonic()
+                self.last_error = str(reason)
                 self.reconnects += 1
                 delay = self._backoff.next_delay()
                 self._log.warning(

@@ -2,7 +2,9 @@
 
 - **sweep**: wake every handler when no notification arrived for ``sweep_interval`` (NOTIFY is a
   hint; events committed while the listener was down are found this way),
-- **reap**: take back claims of processes that died or lost them,
+- **reap**: take back claims of processes that died or lost them — and, within a second of the
+  database answering again, our own claims stranded by a lost connection (their give-back
+  failed too, and they block their keys until reaped),
 - **stats**: refresh the database-wide gauges with one aggregate query.
 """
 
@@ -21,6 +23,8 @@ from service.store import Store
 log = structlog.get_logger("pgreact.housekeeping")
 
 TICK = 0.25
+STRANDED_REAP_INTERVAL = 1.0
+"""Seconds between reap attempts while claims may be stranded (the database is unreachable)."""
 
 
 class Housekeeper:
@@ -50,26 +54,35 @@ class Housekeeper:
         self._failures_logged_at = -1e9
         self.database_ok = False
         self._reap_requested = False
+        self._stranded = False
 
     def reap_soon(self) -> None:
         """Reap at the next tick: e.g. the database is back after a restart, and claims this
         process could not give back while it was down are waiting."""
         self._reap_requested = True
 
+    def connection_lost(self) -> None:
+        """A pooled connection broke. A unit that held claims on it could not give them back
+        through a new one either if the database is gone or full: reap as soon as it answers
+        again instead of a reap interval later."""
+        self._stranded = True
+
     def notified(self) -> None:
         """A wake-up notification arrived: the next sweep can wait."""
         self._last_notification = time.monotonic()
 
     async def run(self) -> None:
-        next_stats = next_reap = 0.0
+        next_stats = next_reap = next_stranded = 0.0
         while True:
             now = time.monotonic()
             if now - self._last_notification >= self._sweep_interval:
                 self._last_notification = now
                 self._wake_all()
-            if now >= next_reap or self._reap_requested:
-                self._reap_requested = False
+            stranded = self._stranded and now >= next_stranded
+            if now >= next_reap or self._reap_requested or stranded:
+                self._reap_requested = self._stranded = False
                 next_reap = now + self._reap_interval
+                next_stranded = now + STRANDED_REAP_INTERVAL
                 await self._guarded(self.reap)
             if now >= next_stats:
                 next_stats = now + self._stats_interval
@@ -105,6 +118,7 @@ class Housekeeper:
             self.database_ok = True
         except Exception as exc:
             self.database_ok = False
+            self._stranded = True  # a unit may have failed to give its claims back as well
             now = time.monotonic()
             if now - self._failures_logged_at >= 30:
                 self._failures_logged_at = now

@@ -8,13 +8,14 @@ close the listener, the HTTP server and the pool.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
 import structlog
 from anyio.abc import TaskStatus
 from prometheus_client import CollectorRegistry
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import service
@@ -119,6 +120,9 @@ class Daemon:
             stats_interval=s.stats_interval,
             reap_interval=max(s.sweep_interval, 10.0),
         )
+        # A pooled connection that breaks may strand claims (a unit could not give them back
+        # through a new connection either): have them reaped as soon as the database answers.
+        event.listen(engine.sync_engine.pool, "invalidate", _on_invalidate(housekeeper))
         wake_channel = installer.wake_channel(schema)
         metrics = self.metrics
 
@@ -248,7 +252,10 @@ class Daemon:
         down: dict[str, str] = {}
         listener = self._listener
         if listener is None or not listener.connected:
-            down["listener"] = "LISTEN connection is down (reconnecting)"
+            why = listener.last_error if listener is not None else None
+            down["listener"] = "LISTEN connection is down (reconnecting)" + (
+                f": {mask_url(why)[:300]}" if why else ""
+            )
         engine = self._engine
         if engine is None:
             down["database"] = "not started"
@@ -292,6 +299,13 @@ def _lease_seconds(s: Settings) -> float:
     """A backstop only (a dead owner is noticed through its presence lock at once): long enough
     for a whole batch of calls that each run up to the handler timeout."""
     return s.handler_timeout * max(s.batch_size, 1) + 60
+
+
+def _on_invalidate(housekeeper: Housekeeper) -> Callable[..., None]:
+    def invalidated(*_args: object) -> None:
+        housekeeper.connection_lost()
+
+    return invalidated
 
 
 def _pool_snapshot(engine: AsyncEngine) -> PoolSnapshot | None:
