@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""`make chaos`: the fault suite, longer (PGREACT_CHAOS_SCALE, default 5), and a soak table:
-case, driver, handler, changes, lost, dup, out-of-order, dead, recovery."""
+"""`make chaos`: the fault suites, longer (PGREACT_CHAOS_SCALE, default 5), and a soak table:
+case, driver, handler, changes, lost, dup, out-of-order, dead, recovery, and a case's own
+figures (throughput under poison, backlog after an exhaustion, log lines on a standby)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def main() -> int:
                 "-m",
                 "pytest",
                 "tests/test_faults.py",
+                "tests/test_faults_recovery.py",
                 "-q",
                 "-p",
                 "no:randomly",
@@ -51,6 +53,7 @@ def main() -> int:
         "out-of-order",
         "dead",
         "recovery",
+        "note",
     ]
     table = [header] + [
         [
@@ -63,13 +66,14 @@ def main() -> int:
             str(r["out_of_order"]),
             str(r["dead"]),
             "-" if r["recovery"] is None else f"{r['recovery']:.2f}s",
+            r.get("note") or "",
         ]
         for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     print(f"\nchaos soak, scale {scale}:")
     for row in table:
-        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     return result.returncode
 
 

@@ -4,7 +4,6 @@ drivers. Sizes are small here; ``make chaos`` runs the same cases longer (PGREAC
 
 from __future__ import annotations
 
-import os
 import time
 
 import anyio
@@ -13,58 +12,21 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import Event, Router
-from tests.conftest import TestServer, create_database, to_sa_url
+from tests.conftest import TestServer, to_sa_url
+from tests.faults.harness import (
+    SCALE,
+    assert_clean,
+    chaos_router,
+    drained,
+    prepared,
+    terminate,
+)
 from tests.faults.proxy import TcpProxy
-from tests.faults.workload import Verdict, Workload, recovery_time, report, verdict
-from tests.handlers.common import EFFECT, effect_row, effects_router
+from tests.faults.workload import Workload, recovery_time, report
+from tests.handlers.common import EFFECT, effect_row
 from tests.support import create_tables, install, make_settings, running, sql, wait_until
 
 pytestmark = pytest.mark.anyio
-
-SCALE = float(os.environ.get("PGREACT_CHAOS_SCALE", "1"))
-HANDLERS = ("single", "batch")
-
-
-def chaos_router() -> Router:
-    return effects_router(50)
-
-
-async def drained(dsn: str, timeout: float = 60) -> list[Verdict]:
-    """Wait until every committed change has its effect, then return the verdicts."""
-
-    def done() -> bool:
-        return all(verdict(dsn, h).lost <= 0 for h in HANDLERS)
-
-    await wait_until(done, timeout=timeout, interval=0.2, message="drain")
-    verdicts = [verdict(dsn, h) for h in HANDLERS]
-    for v in verdicts:
-        print(f"{v}")  # the soak run collects these lines
-    return verdicts
-
-
-def assert_clean(verdicts: list[Verdict]) -> None:
-    for v in verdicts:
-        assert v.clean, v
-        assert v.changes > 0
-
-
-async def _prepared(server: TestServer, driver: str) -> tuple[str, str, Router]:
-    dsn = create_database(server)
-    create_tables(dsn)
-    sa_url = to_sa_url(dsn, driver)
-    router = chaos_router()
-    await install(sa_url, router)
-    return dsn, sa_url, router
-
-
-def _terminate(dsn: str, pattern: str) -> int:
-    rows = sql(
-        dsn,
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-        "WHERE application_name LIKE %s AND pid <> pg_backend_pid()",
-        [pattern],
-    )
-    return int(rows[0][0])
 
 
 # -- 1 and 2: backends killed ----------------------------------------------------------------
@@ -78,7 +40,7 @@ def _terminate(dsn: str, pattern: str) -> int:
 async def test_backends_killed_while_changes_flow(
     pg_server: TestServer, driver: str, target: str, bound: float
 ) -> None:
-    dsn, sa_url, router = await _prepared(pg_server, driver)
+    dsn, sa_url, router = await prepared(pg_server, driver)
     workload = Workload(dsn, rate=500)
     kills = 0
     async with running(make_settings(sa_url, sweep_interval=30), router):
@@ -87,7 +49,7 @@ async def test_backends_killed_while_changes_flow(
             deadline = time.monotonic() + 6 * SCALE
             while time.monotonic() < deadline:
                 await anyio.sleep(1.0)  # ~every 500 changes
-                kills += _terminate(dsn, target)
+                kills += terminate(dsn, target)
         recovery = await recovery_time(dsn, "single")
         verdicts = await drained(dsn)
     report(
@@ -105,7 +67,7 @@ async def test_backends_killed_while_changes_flow(
 async def test_server_restart_mid_stream(
     private_pg_server: TestServer, driver: str, mode: str
 ) -> None:
-    dsn, sa_url, router = await _prepared(private_pg_server, driver)
+    dsn, sa_url, router = await prepared(private_pg_server, driver)
     workload = Workload(dsn, rate=400)
     async with running(make_settings(sa_url, sweep_interval=30), router):
         async with anyio.create_task_group() as tg:
@@ -126,7 +88,7 @@ async def test_server_restart_mid_stream(
 
 
 async def test_half_open_listener_is_detected(pg_server: TestServer, driver: str) -> None:
-    dsn, sa_url, router = await _prepared(pg_server, driver)
+    dsn, sa_url, router = await prepared(pg_server, driver)
     proxy = await TcpProxy(pg_server.host, pg_server.port).start()
     try:
         listen_url = to_sa_url(proxy.url(dsn), driver)
@@ -160,7 +122,7 @@ async def test_half_open_listener_is_detected(pg_server: TestServer, driver: str
 
 
 async def test_write_pool_stall_never_duplicates(pg_server: TestServer, driver: str) -> None:
-    dsn, _, router = await _prepared(pg_server, driver)
+    dsn, _, router = await prepared(pg_server, driver)
     proxy = await TcpProxy(pg_server.host, pg_server.port).start()
     try:
         write_url = to_sa_url(proxy.url(dsn), driver)
@@ -193,7 +155,7 @@ async def test_write_pool_stall_never_duplicates(pg_server: TestServer, driver: 
 
 
 async def test_three_daemons_racing(pg_server: TestServer, driver: str) -> None:
-    dsn, sa_url, router = await _prepared(pg_server, driver)
+    dsn, sa_url, router = await prepared(pg_server, driver)
     workload = Workload(dsn, rate=600, update_share=0.8)
     settings = make_settings(sa_url, batch_size=10, concurrency=4)
     async with running(settings, router), running(settings, router), running(settings, router):

@@ -20,6 +20,7 @@ import psycopg
 from tests.support import libpq, sql
 
 PROBE_BASE = 10**12  # probe keys live far above workload keys
+POISON = "poison"  # source.payload of rows the poison cases' handlers refuse
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Workload:
     rate: float = 400.0  # changes per second, all writers together
     update_share: float = 0.6
     seed: int = 7
+    poison_every: int = 0  # > 0: every n-th new key is written with payload 'poison'
     attempted: int = 0
     errors: int = 0
     _next_key: int = 1
@@ -59,7 +61,11 @@ class Workload:
                 else:
                     key = self._next_key
                     self._next_key += 1
-                    await conn.execute("INSERT INTO source (id, v) VALUES (%s, 0)", [key])
+                    poison = self.poison_every > 0 and key % self.poison_every == 0
+                    await conn.execute(
+                        "INSERT INTO source (id, v, payload) VALUES (%s, 0, %s)",
+                        [key, POISON if poison else None],
+                    )
                     self._keys.append(key)
             except (psycopg.Error, OSError):
                 self.errors += 1
@@ -119,14 +125,29 @@ def verdict(dsn: str, handler: str) -> Verdict:
     return Verdict(handler, changes, effects, lost, dups, disorder, dead)
 
 
-def report(case: str, driver: str, verdicts: list[Verdict], recovery: float | None) -> None:
-    """Append one line per handler to $PGREACT_CHAOS_REPORT (JSON lines) for the soak table."""
+def report(
+    case: str,
+    driver: str,
+    verdicts: list[Verdict],
+    recovery: float | None,
+    note: str | None = None,
+) -> None:
+    """Append one line per handler to $PGREACT_CHAOS_REPORT (JSON lines) for the soak table;
+    ``note`` carries a case's own figure (e.g. throughput under poison)."""
+    if note:
+        print(f"{case} [{driver}]: {note}")
     path = os.environ.get("PGREACT_CHAOS_REPORT")
     if not path:
         return
     with open(path, "a", encoding="utf-8") as out:
         for v in verdicts:
-            row = {"case": case, "driver": driver, **dataclasses.asdict(v), "recovery": recovery}
+            row = {
+                "case": case,
+                "driver": driver,
+                **dataclasses.asdict(v),
+                "recovery": recovery,
+                "note": note,
+            }
             out.write(json.dumps(row) + "\n")
 
 
