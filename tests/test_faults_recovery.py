@@ -118,7 +118,7 @@ class Bursts:
         await wait_until(clean_done, timeout=60, interval=0.005, message="the clean events")
         await wait_until(
             lambda: all(self._count(h, "dead") - dead[h] >= poisoned for h in HANDLERS),
-            timeout=30,
+            timeout=30 * SCALE,
             message=f"{poisoned} poison rows dead-lettered",
         )
         return {h: clean / elapsed[h] for h in HANDLERS}
@@ -167,7 +167,7 @@ async def test_poison_is_dead_lettered_without_slowing_the_rest_and_retried_once
         dead = poison_changes(dsn)
         await wait_until(
             lambda: all(verdict(dsn, h).dead == dead for h in HANDLERS),
-            timeout=60,
+            timeout=60 * SCALE,
             message=f"{dead} dead letters per handler",
         )
         before = await drained(dsn)
@@ -379,10 +379,18 @@ async def test_standby_leaves_the_daemon_unready_and_quiet_until_promoted(
             handled_meanwhile = sql(dsn, "SELECT count(*) FROM effects")[0][0]
             await anyio.to_thread.run_sync(standby.promote)
             promoted_at = time.monotonic()
-            # The new primary takes the writes; the probe queues behind the replicated backlog.
-            recovery = await recovery_time(dsn, "single")
-            await wait_until(lambda: _ready(readyz), timeout=10, message="/readyz 200")
-            ready_after = time.monotonic() - promoted_at
+            recovery = 0.0
+
+            async def probe() -> None:
+                nonlocal recovery
+                # The new primary takes writes at once; the probe queues behind the
+                # replicated backlog.
+                recovery = await recovery_time(dsn, "single")
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(probe)
+                await wait_until(lambda: _ready(readyz), timeout=10, message="/readyz 200")
+                ready_after = time.monotonic() - promoted_at
             workload.dsn = dsn
             await workload.run(1.5 * SCALE)
             verdicts = await drained(dsn)
