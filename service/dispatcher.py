@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import heapq
 import time
 import traceback
 from collections.abc import Sequence
@@ -159,7 +160,8 @@ class Dispatcher:
         self._token_base = store.owner << 32
         self._token_seq = 0
         self._stopping = False
-        self._retry_due: dict[str, float] = {}
+        # Per handler, when each scheduled retry falls due (a heap: every one must wake it).
+        self._retry_due: dict[str, list[float]] = {h.name: [] for h in self._handlers}
         self._idle: set[str] = set()
         self._suspect_inflight = False
         self._suspect_denied = False
@@ -206,10 +208,7 @@ class Dispatcher:
 
     def _retry_at(self, handler: str, delay: float) -> None:
         """Wake ``handler`` when a retry falls due, instead of waiting for the next sweep."""
-        due = time.monotonic() + delay
-        current = self._retry_due.get(handler)
-        if current is None or due < current:
-            self._retry_due[handler] = due
+        heapq.heappush(self._retry_due[handler], time.monotonic() + delay)
 
     def _release_suspect_slot(self) -> None:
         self._suspect_inflight = False
@@ -254,14 +253,15 @@ class Dispatcher:
             self._idle.discard(handler)
 
     async def _wait_for_wakeup(self, handler: str, wakeup: Wakeup) -> None:
-        due = self._retry_due.get(handler)
-        if due is None:
+        due = self._retry_due[handler]
+        if not due:
             await wakeup.wait()
             return
-        with anyio.move_on_after(max(0.0, due - time.monotonic()) + 0.01):
+        with anyio.move_on_after(max(0.0, due[0] - time.monotonic()) + 0.01):
             await wakeup.wait()
-        if time.monotonic() >= due:
-            self._retry_due.pop(handler, None)
+        now = time.monotonic()
+        while due and due[0] <= now:
+            heapq.heappop(due)
 
     # -- per handler ----------------------------------------------------------------------
 
@@ -518,7 +518,16 @@ class Dispatcher:
         if now - self._last_error_log.get(key, -1e9) < self._config.error_log_interval:
             return
         self._last_error_log[key] = now
-        log.warning(event, handler=handler, error=_describe(exc, 0))
+        log.warning(event, handler=handler, error=_brief(exc))
+
+
+def _brief(error: BaseException) -> str:
+    """One line for database trouble: the driver's own first line, without the SQL statement
+    and parameters SQLAlchemy appends (kilobytes per line, and parameters are user data)."""
+    orig = getattr(error, "orig", None)
+    base = orig if isinstance(orig, BaseException) else error
+    lines = str(base).strip().splitlines()
+    return f"{type(base).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def _describe(error: BaseException, timeout: float) -> str:
