@@ -106,6 +106,22 @@ class _Outcome:
     failed_index: int | None = None  # which event of an ``on`` batch raised
 
 
+@dataclass(eq=False)
+class _Pending:
+    """A group of events still to run in a unit. A failed batch is split in two; if the first
+    half then succeeds, its ``sibling`` (the second half) is known to hold the failure."""
+
+    group: list[Claimed]
+    sibling: _Pending | None = None
+    failing: bool = False
+
+
+def _halves(group: list[Claimed]) -> list[_Pending]:
+    half = len(group) // 2
+    second = _Pending(group[half:])
+    return [_Pending(group[:half], sibling=second), second]
+
+
 @dataclass
 class _Unit:
     handler: DurableHandler
@@ -385,9 +401,15 @@ class Dispatcher:
             groups += [fresh[i : i + size] for i in range(0, len(fresh), size)]
         elif fresh:
             groups.append(fresh)
-        todo = [g for g in groups if g]
+        todo = [_Pending(g) for g in groups if g]
         while todo:
-            group = todo.pop(0)
+            pending = todo.pop(0)
+            group = pending.group
+            if pending.failing and len(group) > 1:
+                # Its batch failed and the other half succeeded: the failure is in here, so
+                # running it whole again would only fail again. Split it straight away.
+                todo[:0] = _halves(group)
+                continue
             outcome = await self._attempt(conn, unit, group)
             if outcome.lease_lost:
                 # Some of the group was taken over; give back what is still ours (fenced by
@@ -396,20 +418,21 @@ class Dispatcher:
                 await self._store.release(await conn.get(), ids, unit.token)
             if outcome.ok or outcome.lease_lost:
                 unit.open_ids.difference_update(c.delivery_id for c in group)
+                if outcome.ok and pending.sibling is not None:
+                    pending.sibling.failing = True
                 continue
             error = outcome.error or RuntimeError("handler failed without an exception")
             if is_transient(error):
                 await self._transient(conn, unit, group, error)
                 continue
             if handler.batch and len(group) > 1:
-                half = len(group) // 2
-                todo[:0] = [group[:half], group[half:]]
+                todo[:0] = _halves(group)
                 continue
             index = outcome.failed_index if outcome.failed_index is not None else 0
             await self._record_failure(conn, unit, group[index], error)
             rest = group[:index] + group[index + 1 :]
             if rest:
-                todo.insert(0, rest)
+                todo.insert(0, _Pending(rest))
 
     async def _attempt(self, conn: _Connection, unit: _Unit, group: list[Claimed]) -> _Outcome:
         handler = unit.handler
