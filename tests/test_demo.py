@@ -303,7 +303,7 @@ async def test_demo_refuses_a_schema_it_did_not_create(
 # -- the demo, in process ---------------------------------------------------------------------
 
 
-def _verify_derived_tables(dsn: str) -> None:
+def _verify_derived_tables(dsn: str, *, expect_deletes: bool = True) -> None:
     """The test's own look at the result, independent of the demo's checking code."""
     (mismatched,) = sql(
         dsn,
@@ -328,7 +328,8 @@ def _verify_derived_tables(dsn: str) -> None:
     assert updates > 0  # status changes flowed
     assert distinct_events == audit_rows  # nothing recorded twice
     lines, max_line_id = sql(dsn, f"SELECT count(*), max(id) FROM {S}.order_lines")[0]
-    assert lines < max_line_id  # some lines were deleted
+    if expect_deletes:  # a one-second run may happen to delete none (the mix is random)
+        assert lines < max_line_id  # some lines were deleted
     assert sql(dsn, f"SELECT count(*) FROM {S}.queue") == [(0,)]  # everything handled
 
 
@@ -352,7 +353,7 @@ async def test_demo_in_process_passes_and_leaves_correct_derived_tables(
     # A second run on the same database starts from a clean demo schema.
     again = io.StringIO()
     assert await run_demo(None, duration=1, rate=30, http_port=0, configure_logs=False, out=again)
-    _verify_derived_tables(pg_dsn)
+    _verify_derived_tables(pg_dsn, expect_deletes=False)
 
 
 # -- the real command line --------------------------------------------------------------------
