@@ -17,6 +17,12 @@ import psycopg
 import structlog
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from listeners import (
+    ListenerBackend,
+    ListenerConnectError,
+    ListenerConnection,
+    NotificationCallback,
+)
 from service import installer
 from service.logging import configure_logging
 from service.router import Router
@@ -177,3 +183,33 @@ def _below_min_level(_logger: object, method: str, event: Any) -> Any:
 
 configure_logging("console", "DEBUG", cache=False)
 structlog.configure(processors=[_below_min_level, *structlog.get_config()["processors"]])
+
+
+class CountingBackend:
+    """Wraps a backend to count connect attempts and failures (works for every backend)."""
+
+    def __init__(self, inner: ListenerBackend) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.attempts = 0
+        self.failures = 0
+
+    async def connect(
+        self,
+        dsn: str,
+        *,
+        application_name: str,
+        on_notification: NotificationCallback,
+        connect_timeout: float,
+    ) -> ListenerConnection:
+        self.attempts += 1
+        try:
+            return await self.inner.connect(
+                dsn,
+                application_name=application_name,
+                on_notification=on_notification,
+                connect_timeout=connect_timeout,
+            )
+        except ListenerConnectError:
+            self.failures += 1
+            raise

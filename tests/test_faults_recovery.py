@@ -17,7 +17,6 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from listeners import backend_for
-from listeners.protocol import ListenerBackend, ListenerConnection, NotificationCallback
 from service import Event, Router
 from service.devserver import EmbeddedPostgres
 from service.installer import wake_channel
@@ -29,7 +28,7 @@ from tests.faults.hog import ConnectionHog
 from tests.faults.standby import HotStandby
 from tests.faults.workload import POISON, Workload, recovery_time, report, verdict
 from tests.handlers.common import EFFECT, effect_row
-from tests.support import make_settings, running, sql, wait_until
+from tests.support import CountingBackend, make_settings, running, sql, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -310,32 +309,6 @@ async def _ready(readyz: Callable[[], Awaitable[tuple[int, dict[str, str]]]]) ->
 def _embedded(server: TestServer) -> EmbeddedPostgres:
     assert isinstance(server.control, EmbeddedPostgres), "needs an embedded server"
     return server.control
-
-
-class CountingBackend:
-    """The real listener backend, counting connection attempts (each is one attempt to LISTEN:
-    the delivery test's extra connection comes only after LISTEN worked)."""
-
-    def __init__(self, inner: ListenerBackend) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.attempts = 0
-
-    async def connect(
-        self,
-        dsn: str,
-        *,
-        application_name: str,
-        on_notification: NotificationCallback,
-        connect_timeout: float,
-    ) -> ListenerConnection:
-        self.attempts += 1
-        return await self.inner.connect(
-            dsn,
-            application_name=application_name,
-            on_notification=on_notification,
-            connect_timeout=connect_timeout,
-        )
 
 
 async def test_standby_leaves_the_daemon_unready_and_quiet_until_promoted(

@@ -35,12 +35,12 @@ from listeners import (
     ListenerError,
     ListenerLost,
     Notification,
-    NotificationCallback,
     backend_for,
     libpq_dsn,
     mask_dsn,
 )
 from listeners.memory import MemoryBackend, MemoryBroker
+from tests.support import CountingBackend
 
 pytestmark = pytest.mark.anyio
 
@@ -64,36 +64,6 @@ async def eventually(
             pytest.fail(f"timed out after {within}s waiting for {what}")
         await anyio.sleep(poll)
     return time.monotonic() - start
-
-
-class CountingBackend:
-    """Wraps a backend to count connect attempts and failures (works for every backend)."""
-
-    def __init__(self, inner: ListenerBackend) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.attempts = 0
-        self.failures = 0
-
-    async def connect(
-        self,
-        dsn: str,
-        *,
-        application_name: str,
-        on_notification: NotificationCallback,
-        connect_timeout: float,
-    ) -> ListenerConnection:
-        self.attempts += 1
-        try:
-            return await self.inner.connect(
-                dsn,
-                application_name=application_name,
-                on_notification=on_notification,
-                connect_timeout=connect_timeout,
-            )
-        except ListenerConnectError:
-            self.failures += 1
-            raise
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service import db
 from service.db import create_write_engine
@@ -13,19 +14,27 @@ from tests.support import make_settings, sql
 pytestmark = pytest.mark.anyio
 
 
+async def backend_pid(engine: AsyncEngine) -> int:
+    async with engine.connect() as conn:
+        return int(await conn.scalar(text("SELECT pg_backend_pid()")))
+
+
+async def kill_idle_connection(engine: AsyncEngine, pg_dsn: str) -> int:
+    """Use the pool's one connection, terminate its backend, let it sit idle; its old pid."""
+    pid = await backend_pid(engine)
+    sql(pg_dsn, "SELECT pg_terminate_backend(%s)", [pid])
+    await anyio.sleep(0.2)
+    return pid
+
+
 async def test_a_pooled_connection_killed_while_idle_is_replaced_at_checkout(
     sa_url: str, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(db, "PING_AFTER_IDLE", 0.05)
     engine = create_write_engine(make_settings(sa_url, pool_size=1, max_overflow=0))
     try:
-        async with engine.connect() as conn:
-            first = await conn.scalar(text("SELECT pg_backend_pid()"))
-        sql(pg_dsn, "SELECT pg_terminate_backend(%s)", [first])
-        await anyio.sleep(0.2)  # idle for longer than PING_AFTER_IDLE: pinged, found dead
-        async with engine.connect() as conn:
-            second = await conn.scalar(text("SELECT pg_backend_pid()"))
-        assert second != first
+        first = await kill_idle_connection(engine, pg_dsn)  # idle > PING_AFTER_IDLE: pinged
+        assert await backend_pid(engine) != first
     finally:
         await engine.dispose()
 
@@ -37,14 +46,10 @@ async def test_a_connection_used_a_moment_ago_is_not_pinged(
     monkeypatch.setattr(db, "PING_AFTER_IDLE", 60.0)
     engine = create_write_engine(make_settings(sa_url, pool_size=1, max_overflow=0))
     try:
-        async with engine.connect() as conn:
-            first = await conn.scalar(text("SELECT pg_backend_pid()"))
-        sql(pg_dsn, "SELECT pg_terminate_backend(%s)", [first])
-        await anyio.sleep(0.2)
+        first = await kill_idle_connection(engine, pg_dsn)
         with pytest.raises(Exception, match=r"(?i)connection|terminat|closed"):
             async with engine.connect() as conn:
                 await conn.scalar(text("SELECT pg_backend_pid()"))
-        async with engine.connect() as conn:  # the pool replaced it after the failure
-            assert await conn.scalar(text("SELECT pg_backend_pid()")) != first
+        assert await backend_pid(engine) != first  # the pool replaced it after the failure
     finally:
         await engine.dispose()
