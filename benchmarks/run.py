@@ -463,6 +463,19 @@ class Bench:
         _pressure(row, m.cpu_pressure)
         return rate
 
+    def _drain(
+        self, job: Job, name: str, row: Row, db: str, table: str
+    ) -> tuple[Measurement, float]:
+        """Run one drain of ``--events`` to completion, record it in ``row``, check that every
+        event has exactly one effect and ``table`` is empty, and drop the run's database."""
+        events = self.plan.events
+        m = self._start(job, name).result(self._timeout(events))
+        rate = self._throughput(row, m, events, m.wall_seconds)
+        self.check(db, name, events, table)
+        self._finish(name, job)
+        self.server.drop_db(db)
+        return m, rate
+
     def drain(self, run: int, kind: Kind, driver: str, variant: Variant) -> None:
         p = self.plan
         name = f"drain {kind} {driver}{variant.suffix}"
@@ -471,11 +484,7 @@ class Bench:
             f"r{run}_drain_{kind}_{driver}{variant.db_suffix}", template=self.loaded[kind]
         )
         job = self._job(name, db, kind, driver, p.events, variant)
-        m = self._start(job, name).result(self._timeout(p.events))
-        rate = self._throughput(row, m, p.events, m.wall_seconds)
-        self.check(db, name, p.events, f"{SCHEMA}.queue")
-        self._finish(name, job)
-        self.server.drop_db(db)
+        m, rate = self._drain(job, name, row, db, f"{SCHEMA}.queue")
         _log(f"  {name}: {rate:,.0f} events/s, {m.cpu_seconds * 1e6 / p.events:,.0f} ms CPU/1k")
 
     def baseline(self, run: int, style: BaselineStyle) -> None:
@@ -492,11 +501,7 @@ class Bench:
             workers=p.baseline_workers,
             batch=p.batch_max_size,
         )
-        m = self._start(job, name).result(self._timeout(p.events))
-        rate = self._throughput(row, m, p.events, m.wall_seconds)
-        self.check(db, name, p.events, "jobs")
-        self._finish(name, job)
-        self.server.drop_db(db)
+        _, rate = self._drain(job, name, row, db, "jobs")
         _log(f"  {name}: {rate:,.0f} events/s")
 
     def bare(self, run: int, batch: int) -> None:
@@ -546,11 +551,7 @@ class Bench:
             batch_size=p.pgqueuer_batch_size,
             pool_size=p.pgqueuer_pool_size,
         )
-        m = self._start(job, name).result(self._timeout(p.events))
-        rate = self._throughput(row, m, p.events, m.wall_seconds)
-        self.check(db, name, p.events, "pgqueuer")
-        self._finish(name, job)
-        self.server.drop_db(db)
+        _, rate = self._drain(job, name, row, db, "pgqueuer")
         _log(f"  {name}: {rate:,.0f} events/s")
 
     def live(self, run: int, kind: Kind, driver: str, variant: Variant) -> None:
