@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import socket
 import time
@@ -9,9 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy.exc
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import ExceptionContext, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from service.settings import Settings
 
@@ -87,6 +88,18 @@ def driver_disconnect(exc: BaseException) -> bool:
     return isinstance(exc, OSError) or any(
         type(e).__name__ in CLIENT_CONNECTION_ERRORS | {"OperationalError"} for e in _chain(exc)
     )
+
+
+async def discard_after_driver_error(conn: AsyncConnection, exc: Exception) -> None:
+    """A statement ran on the driver beneath SQLAlchemy (see ``store.DriverStatement``), so
+    SQLAlchemy did not see its error. Never hand the connection back; and if the server went
+    away, let SQLAlchemy see that too, so that it retires the pool's other connections (as dead
+    as this one) instead of handing them out one failed statement at a time."""
+    with contextlib.suppress(Exception):
+        if driver_disconnect(exc):
+            await conn.execute(text("SELECT 1"))
+    with contextlib.suppress(Exception):
+        await conn.invalidate()
 
 
 # TCP keepalives on every write connection: a cloud load balancer or NAT between the pod and

@@ -6,40 +6,34 @@ A unit claims a batch (committed, so the attempt counts even if the process dies
 handler over it inside one transaction on the same connection, and deletes the deliveries in
 that transaction: the handler's writes and the ack commit together or not at all.
 
-Failures are isolated rather than letting one bad event sink its batch:
-- ``on`` handlers: the failing call is known; it is recorded, the rest of the batch re-runs.
-- ``on_batch`` handlers: the batch is split in halves until the failing events are alone.
-- events that failed before run alone, so a poison event costs one batch re-run, not ten.
+Running a claimed group through its handler, and isolating the events that fail without
+giving up the rest, is the executor's job (``service/executor.py``). Events that failed before
+run alone, so a poison event costs one batch re-run, not ten.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import heapq
 import time
-import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import anyio
 import anyio.abc
 import structlog
 from anyio.abc import TaskStatus
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from service.calls import HandlerCalls
-from service.db import connection_is_suspect, driver_disconnect, is_transient
-from service.errors import HandlerMisuse, LeaseLost
-from service.metrics import Metrics, observe_many
+from service.db import discard_after_driver_error
+from service.executor import Caution, GroupExecutor, PooledConnection, Unit, describe
+from service.metrics import Metrics
 from service.router import DurableHandler
 from service.store import Claimed, Store
 
 log = structlog.get_logger("pgreact.dispatcher")
 
 CLAIM_FAILED = -1
-_PROBE = text("SELECT 1")
 CLAIM_TIMEOUT = 30.0  # seconds; a claim takes milliseconds, this only bounds a hung server
 RETRY_MIN, RETRY_MAX = 0.1, 1.0  # seconds between claim attempts while the database is away
 
@@ -66,87 +60,6 @@ class Wakeup:
         self._event = anyio.Event()
 
 
-class _Connection:
-    """A pooled connection checked out lazily and thrown away when its state is unknown."""
-
-    def __init__(self, engine: AsyncEngine, first: AsyncConnection | None = None) -> None:
-        self._engine = engine
-        self._conn = first
-        self._owned = first is None
-
-    async def get(self) -> AsyncConnection:
-        if self._conn is None:
-            self._conn = await self._engine.connect()
-            self._owned = True
-        return self._conn
-
-    async def discard(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        # Already broken: invalidation and close are best effort.
-        with contextlib.suppress(Exception):
-            await conn.invalidate()
-        if self._owned:
-            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                await conn.close()
-
-    async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None and self._owned:
-            with anyio.CancelScope(shield=True):
-                await conn.close()
-
-
-@dataclass
-class _Outcome:
-    ok: bool = False
-    lease_lost: bool = False
-    error: BaseException | None = None
-    failed_index: int | None = None  # which event of an ``on`` batch raised
-
-
-@dataclass(eq=False)
-class _Pending:
-    """A group of events still to run in a unit. A failed batch is split in two; if the first
-    half then succeeds, its ``sibling`` (the second half) is known to hold the failure."""
-
-    group: list[Claimed]
-    sibling: _Pending | None = None
-    failing: bool = False
-
-
-def _halves(group: list[Claimed]) -> list[_Pending]:
-    half = len(group) // 2
-    second = _Pending(group[half:])
-    return [_Pending(group[:half], sibling=second), second]
-
-
-@dataclass
-class _Unit:
-    handler: DurableHandler
-    token: int
-    open_ids: set[int] = field(default_factory=set)
-
-
-class HandlerSession(AsyncSession):
-    """The session handlers get. pgreact owns the transaction (it commits the handler's writes
-    together with the ack), so a handler that commits or rolls back is a bug: say so loudly
-    instead of silently breaking exactly-once."""
-
-    async def commit(self) -> None:
-        raise HandlerMisuse(
-            "handlers must not call session.commit(): pgreact commits the handler's writes "
-            "together with the event's ack; just return"
-        )
-
-    async def rollback(self) -> None:
-        raise HandlerMisuse(
-            "handlers must not call session.rollback(): raise an exception instead, and "
-            "pgreact rolls back and retries the event"
-        )
-
-
 class Dispatcher:
     """Drives every durable handler; owns its tasks through one task group."""
 
@@ -167,10 +80,11 @@ class Dispatcher:
         self._wakeups = {h.name: Wakeup() for h in self._handlers}
         self._handler_metrics = {h.name: metrics.for_handler(h.name) for h in self._handlers}
         self._claiming = {h.name: anyio.Lock() for h in self._handlers}
+        self._caution = {h.name: Caution() for h in self._handlers}
         self._by_table: dict[str, list[str]] = {}
         for h in self._handlers:
             self._by_table.setdefault(h.table.qualified, []).append(h.name)
-        self._units: dict[int, _Unit] = {}
+        self._units: dict[int, Unit] = {}
         # Claim tokens: this process's owner id in the high bits, a counter in the low bits.
         # Unique across processes (fencing) and ordered within one (see ``claims_snapshot``).
         self._token_base = store.owner << 32
@@ -316,7 +230,7 @@ class Dispatcher:
         self, handler: DurableHandler, limit: int, *, task_status: TaskStatus[int]
     ) -> None:
         self._token_seq = (self._token_seq + 1) % (1 << 32)
-        unit = _Unit(handler, self._token_base + self._token_seq)
+        unit = Unit(handler, self._token_base + self._token_seq)
         self._units[unit.token] = unit
         started = False
         holds_suspect = False
@@ -329,7 +243,7 @@ class Dispatcher:
                 task_status.started(len(claimed))
                 started = True
                 if claimed:
-                    conn = _Connection(self._engine, first)
+                    conn = PooledConnection(self._engine, first)
                     try:
                         await self._work(conn, unit, claimed)
                     finally:
@@ -352,7 +266,7 @@ class Dispatcher:
             self._slots.release()
             self._check_idle()
 
-    async def _claim(self, conn: AsyncConnection, unit: _Unit, limit: int) -> list[Claimed]:
+    async def _claim(self, conn: AsyncConnection, unit: Unit, limit: int) -> list[Claimed]:
         """Claim a batch for ``unit``. One claim at a time per handler in this process: claims
         running side by side all scan the same head of the queue and skip each other's rows,
         which cost the server more than the claims themselves."""
@@ -374,26 +288,16 @@ class Dispatcher:
                 if take_suspect:
                     self._release_suspect_slot()
                 if isinstance(exc, Exception):
-                    await self._claim_failed(conn, exc)
+                    await discard_after_driver_error(conn, exc)
                 raise
         if take_suspect and not any(c.failed_before for c in claimed):
             self._release_suspect_slot()
         return claimed
 
-    @staticmethod
-    async def _claim_failed(conn: AsyncConnection, exc: Exception) -> None:
-        """The claim ran on the driver beneath SQLAlchemy, which did not see its error. Never
-        hand the connection back; and if the server went away, let SQLAlchemy see that too, so
-        that it retires the pool's other connections (as dead as this one) instead of handing
-        them out one failed claim at a time."""
-        with contextlib.suppress(Exception):
-            if driver_disconnect(exc):
-                await conn.execute(_PROBE)
-        with contextlib.suppress(Exception):
-            await conn.invalidate()
-
-    async def _work(self, conn: _Connection, unit: _Unit, claimed: list[Claimed]) -> None:
+    async def _work(self, conn: PooledConnection, unit: Unit, claimed: list[Claimed]) -> None:
         handler = unit.handler
+        # Events that failed before run alone (one per transaction): if one kills the process,
+        # nothing else is blamed for it.
         fresh = [c for c in claimed if not c.failed_before]
         groups: list[list[Claimed]] = [[c] for c in claimed if c.failed_before]
         if handler.batch:
@@ -401,121 +305,20 @@ class Dispatcher:
             groups += [fresh[i : i + size] for i in range(0, len(fresh), size)]
         elif fresh:
             groups.append(fresh)
-        todo = [_Pending(g) for g in groups if g]
-        while todo:
-            pending = todo.pop(0)
-            group = pending.group
-            if pending.failing and len(group) > 1:
-                # Its batch failed and the other half succeeded: the failure is in here, so
-                # running it whole again would only fail again. Split it straight away.
-                todo[:0] = _halves(group)
-                continue
-            outcome = await self._attempt(conn, unit, group)
-            if outcome.lease_lost:
-                # Some of the group was taken over; give back what is still ours (fenced by
-                # the token, so rows another process holds are untouched).
-                ids = [c.delivery_id for c in group]
-                await self._store.release(await conn.get(), ids, unit.token)
-            if outcome.ok or outcome.lease_lost:
-                unit.open_ids.difference_update(c.delivery_id for c in group)
-                if outcome.ok and pending.sibling is not None:
-                    pending.sibling.failing = True
-                continue
-            error = outcome.error or RuntimeError("handler failed without an exception")
-            if is_transient(error):
-                await self._transient(conn, unit, group, error)
-                continue
-            if handler.batch and len(group) > 1:
-                todo[:0] = _halves(group)
-                continue
-            index = outcome.failed_index if outcome.failed_index is not None else 0
-            await self._record_failure(conn, unit, group[index], error)
-            rest = group[:index] + group[index + 1 :]
-            if rest:
-                todo.insert(0, _Pending(rest))
-
-    async def _attempt(self, conn: _Connection, unit: _Unit, group: list[Claimed]) -> _Outcome:
-        handler = unit.handler
-        metrics = self._handler_metrics[handler.name]
-        outcome = _Outcome()
-        calls = HandlerCalls(handler, self._config.handler_timeout)
-        handled = False
-        try:
-            db = await conn.get()
-            session = HandlerSession(bind=db, expire_on_commit=False)
-            async with session, session.begin():
-                await calls.run([c.event for c in group], session)
-                handled = True
-                acked = await self._store.ack(
-                    await session.connection(), [c.delivery_id for c in group], unit.token
-                )
-                if acked != len(group):
-                    raise LeaseLost(f"{len(group) - acked} of {len(group)} events were taken over")
-        except LeaseLost as exc:
-            metrics.lease_conflicts.inc()
-            log.warning("lease_lost", handler=handler.name, detail=str(exc))
-            outcome.lease_lost = True
-            return outcome
-        except Exception as exc:
-            outcome.error = exc
-            outcome.failed_index = None if handled else calls.current
-            if connection_is_suspect(exc):
-                await conn.discard()
-            return outcome
-        finally:
-            observe_many(metrics.duration, calls.durations)
-        now = time.time()
-        metrics.ok.inc(len(group))
-        observe_many(metrics.lag, [max(0.0, now - c.created) for c in group])
-        log.debug("handled", handler=handler.name, events=len(group))
-        outcome.ok = True
-        return outcome
-
-    async def _record_failure(
-        self, conn: _Connection, unit: _Unit, item: Claimed, error: BaseException
-    ) -> None:
-        handler = unit.handler
-        event = item.event
-        message = _describe(error, self._config.handler_timeout)
-        db = await conn.get()
-        result = await self._store.fail(db, item.delivery_id, unit.token, message)
-        unit.open_ids.discard(item.delivery_id)
-        if result is None:
-            self._handler_metrics[handler.name].lease_conflicts.inc()
-            return
-        dead, retry_in = result
-        if not dead:
-            self._retry_at(handler.name, retry_in)
-        outcome = "dead" if dead else "retry"
-        metrics = self._handler_metrics[handler.name]
-        (metrics.dead if dead else metrics.retry).inc()
-        logger = log.error if dead else log.warning
-        logger(
-            "handler_failed",
-            handler=handler.name,
-            table=event.table,
-            op=event.op,
-            event_id=event.id,
-            delivery_id=item.delivery_id,
-            attempt=event.attempt,
-            outcome=outcome,
-            error=message,
-            exc_info=error if not isinstance(error, TimeoutError) else None,
+        executor = GroupExecutor(
+            conn,
+            unit,
+            self._store,
+            self._handler_metrics[handler.name],
+            self._caution[handler.name],
+            self._config.handler_timeout,
+            retry_at=self._retry_at,
+            log_error=self._log_error,
         )
+        for group in groups:
+            await executor.run(group)
 
-    async def _transient(
-        self, conn: _Connection, unit: _Unit, group: list[Claimed], error: BaseException
-    ) -> None:
-        handler = unit.handler
-        self._handler_metrics[handler.name].transient_errors.inc()
-        self._log_error("transient_error", handler.name, error)
-        ids = [c.delivery_id for c in group]
-        db = await conn.get()
-        await self._store.fail_transient(db, ids, unit.token)
-        unit.open_ids.difference_update(ids)
-        self._retry_at(handler.name, self._store.retry_base)
-
-    async def _give_back(self, unit: _Unit, reason: BaseException | str) -> None:
+    async def _give_back(self, unit: Unit, reason: BaseException | str) -> None:
         """After an unexpected failure or cancellation, return what the unit still holds (best
         effort: if the database is unreachable, the reaper returns it once this unit's token is
         gone)."""
@@ -523,7 +326,7 @@ class Dispatcher:
             "claims_given_back",
             handler=unit.handler.name,
             count=len(unit.open_ids),
-            reason=reason if isinstance(reason, str) else _describe(reason, 0),
+            reason=reason if isinstance(reason, str) else describe(reason),
         )
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             try:
@@ -551,13 +354,3 @@ def _brief(error: BaseException) -> str:
     base = orig if isinstance(orig, BaseException) else error
     lines = str(base).strip().splitlines()
     return f"{type(base).__name__}: {lines[0] if lines else ''}"[:300]
-
-
-def _describe(error: BaseException, timeout: float) -> str:
-    if isinstance(error, TimeoutError):
-        return f"handler timed out after {timeout:g} s (PGREACT_HANDLER_TIMEOUT)"
-    text = f"{type(error).__name__}: {error}"
-    if not str(error):
-        tb = traceback.format_exception_only(type(error), error)
-        text = "".join(tb).strip()
-    return text

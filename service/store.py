@@ -153,6 +153,8 @@ class Store:
         self.retry_base = retry_base
         self.retry_max = retry_max
         self.lease_seconds = lease_seconds
+        # Lets a statement that commits by itself skip waiting for the WAL flush (see ``claim``).
+        no_flush = "AND (SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL"
         # Head of line: a delivery is claimable only when no earlier live delivery of the same
         # key exists for the handler — leased elsewhere, waiting for a retry, or not yet run.
         # Deliveries that failed or were abandoned before ("suspects") come at most one per
@@ -184,7 +186,7 @@ class Store:
             -- primary key (a join sometimes got a plan that scanned the whole queue)
             WHERE q.id = ANY(ARRAY(SELECT id FROM fresh UNION ALL SELECT id FROM suspect))
               -- commit without waiting for the WAL flush (see ``claim``)
-              AND (SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL
+              {no_flush}
             RETURNING q.id, q.change_id, q.table_name, q.op, q.row_key,
                       q.new_row::text, q.old_row::text, q.created_at, q.attempts,
                       q.last_error IS NOT NULL
@@ -197,15 +199,20 @@ class Store:
             "CAST(:rbase AS float8) * power(2, greatest(attempts - 1, 0))) "
             "* (0.5 + random() / 2))"
         )
-        self._fail = text(f"""
+        fail = f"""
             UPDATE {q}
             SET owner = NULL, claim_token = NULL, lease_until = NULL,
                 last_error = :error, failed_at = now(),
                 dead_at = CASE WHEN attempts >= :max THEN now() END,
                 run_at = CASE WHEN attempts >= :max THEN run_at ELSE {backoff} END
-            WHERE id = :id AND claim_token = :token
+            WHERE id = :id AND claim_token = :token{{}}
             RETURNING dead_at IS NOT NULL, extract(epoch FROM run_at - now())
-        """)
+        """
+        self._fail = text(fail.format(""))
+        # On its own, with no handler writes to commit, a failure need not wait for the WAL
+        # flush either: lost in a server crash, the claim is reaped instead.
+        self._fail_alone = DriverStatement(fail.format(f" {no_flush}"))
+
         # A transient failure (connection lost, serialization failure, …) is not the event's
         # fault: the attempt is given back, the retry comes soon, and last_error is left alone
         # (it marks suspects; the failure is logged and counted instead).
@@ -263,7 +270,7 @@ class Store:
         # crash only means the next change waits for a sweep or the reconnect's catch-up.
         self._arm = text(
             f"UPDATE {quote_ident(schema)}.doorbell SET armed = true WHERE NOT armed "
-            "AND (SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL RETURNING 1"
+            f"{no_flush} RETURNING 1"
         )
         self._q = q
 
@@ -307,24 +314,38 @@ class Store:
         result = await conn.execute(self._ack, {"ids": list(ids), "token": token})
         return int(result.rowcount or 0)
 
-    async def fail(
+    async def record_failure(
         self, conn: AsyncConnection, delivery_id: int, token: int, error: str
     ) -> tuple[bool, float] | None:
-        """Record a failed attempt and commit: (dead-lettered?, seconds until the retry), or
-        None when the delivery is no longer ours."""
-        result = await conn.execute(
-            self._fail,
-            {
-                "id": delivery_id,
-                "token": token,
-                "error": error[:MAX_ERROR_LENGTH],
-                "max": self.max_attempts,
-                "rmax": self.retry_max,
-                "rbase": self.retry_base,
-            },
+        """Record a failed attempt inside the caller's transaction: (dead-lettered?, seconds
+        until the retry), or None when the delivery is no longer ours."""
+        result = await conn.execute(self._fail, self._fail_params(delivery_id, token, error))
+        return self._fail_result(result.first())
+
+    async def record_failure_alone(
+        self, conn: AsyncConnection, delivery_id: int, token: int, error: str
+    ) -> tuple[bool, float] | None:
+        """:meth:`record_failure` as a statement of its own, committed by itself without
+        waiting for the WAL flush; ``conn`` must not be in a transaction. Errors are the
+        driver's own, as with :meth:`claim`."""
+        rows = await self._fail_alone.fetch_autocommit(
+            conn, self._fail_params(delivery_id, token, error)
         )
-        row = result.first()
-        await conn.commit()
+        return self._fail_result(rows[0] if rows else None)
+
+    def _fail_params(self, delivery_id: int, token: int, error: str) -> dict[str, Any]:
+        return {
+            "id": delivery_id,
+            "token": token,
+            # PostgreSQL text cannot hold NUL, and an exception message may.
+            "error": error[:MAX_ERROR_LENGTH].replace("\x00", "\\0"),
+            "max": self.max_attempts,
+            "rmax": self.retry_max,
+            "rbase": self.retry_base,
+        }
+
+    @staticmethod
+    def _fail_result(row: Sequence[Any] | None) -> tuple[bool, float] | None:
         return None if row is None else (bool(row[0]), max(0.0, float(row[1] or 0)))
 
     async def fail_transient(self, conn: AsyncConnection, ids: Sequence[int], token: int) -> None:

@@ -1,0 +1,421 @@
+"""Runs a claimed group of events through its handler, in as few transactions as failures allow.
+
+The fast path is one transaction: the handler's calls, the ack, one commit. When a call fails,
+the transaction is rolled back and the group runs again in one transaction with a *savepoint*
+per segment, so that a failing segment is rolled back alone and the rest goes on; the failures
+are recorded and the other events acked in the one commit at the end. Which events to blame:
+
+- ``on`` handlers: the event of the failing call. The calls before it and the calls after it
+  run as two segments.
+- ``on_batch`` handlers: if the handler's iteration over its events stopped early, the event it
+  stopped at is run apart from the others; otherwise the batch is split in halves, and again,
+  until the failing events are alone. A batch handler that failed in the last
+  :data:`CAREFUL_FOR` seconds starts with a savepoint (cheap next to a batch), so that under a
+  stream of poison events a failure costs a savepoint, not a transaction.
+- if the commit itself fails (a deferred constraint, say), no segment can be blamed: each then
+  runs in a transaction of its own.
+
+Savepoints are not used on the fast path of ``on`` handlers: two more round trips per call, or
+even per sixteen calls, cost more than re-running the calls before a rare failure.
+
+A transient error (lost connection, serialization failure, …) gives the whole group back with
+its attempts refunded, as does anything the unit cannot finish (see the dispatcher).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio.session import AsyncSessionTransaction
+
+from service.calls import HandlerCalls
+from service.db import connection_is_suspect, discard_after_driver_error, is_transient
+from service.errors import HandlerMisuse, LeaseLost
+from service.metrics import HandlerMetrics, observe_many
+from service.router import DurableHandler
+from service.store import Claimed, Store
+
+log = structlog.get_logger("pgreact.dispatcher")
+
+CAREFUL_FOR = 30.0
+"""Seconds a batch handler starts with a savepoint after it last failed."""
+
+
+class HandlerSession(AsyncSession):
+    """The session handlers get. pgreact owns the transaction (it commits the handler's writes
+    together with the ack), so a handler that commits or rolls back is a bug: say so loudly
+    instead of silently breaking exactly-once."""
+
+    async def commit(self) -> None:
+        raise HandlerMisuse(
+            "handlers must not call session.commit(): pgreact commits the handler's writes "
+            "together with the event's ack; just return"
+        )
+
+    async def rollback(self) -> None:
+        raise HandlerMisuse(
+            "handlers must not call session.rollback(): raise an exception instead, and "
+            "pgreact rolls back and retries the event"
+        )
+
+
+class PooledConnection:
+    """A pooled connection checked out lazily and thrown away when its state is unknown."""
+
+    def __init__(self, engine: AsyncEngine, first: AsyncConnection | None = None) -> None:
+        self._engine = engine
+        self._conn = first
+        self._owned = first is None
+
+    async def get(self) -> AsyncConnection:
+        if self._conn is None:
+            self._conn = await self._engine.connect()
+            self._owned = True
+        return self._conn
+
+    async def discard(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        # Already broken: invalidation and close are best effort.
+        with contextlib.suppress(Exception):
+            await conn.invalidate()
+        if self._owned:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await conn.close()
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and self._owned:
+            with anyio.CancelScope(shield=True):
+                await conn.close()
+
+
+@dataclass
+class Unit:
+    """One claim being worked on: its token fences every write, ``open_ids`` is what it still
+    holds (given back if the unit cannot finish)."""
+
+    handler: DurableHandler
+    token: int
+    open_ids: set[int] = field(default_factory=set)
+
+
+@dataclass
+class Caution:
+    """When a handler last failed: for a while after, its batches start with a savepoint."""
+
+    until: float = 0.0
+
+    def active(self) -> bool:
+        return time.monotonic() < self.until
+
+    def failed(self) -> None:
+        self.until = time.monotonic() + CAREFUL_FOR
+
+
+class Mode(enum.Enum):
+    FAST = "one transaction, no savepoints"
+    SAVEPOINTS = "one transaction, a savepoint per segment"
+    SEPARATE = "a transaction per segment"
+
+
+@dataclass(eq=False)
+class _Segment:
+    """Events that run together: one batch call, or a run of ``on`` calls. A failed segment
+    split in two links its halves: if the first succeeds, the ``sibling`` holds the failure."""
+
+    events: list[Claimed]
+    sibling: _Segment | None = None
+    failing: bool = False
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+    blame: int | None  # index into the segment's events, when known
+    lost: bool  # the transaction is gone (no savepoint to return to, or a broken connection)
+
+
+def _halves(events: list[Claimed]) -> list[_Segment]:
+    half = len(events) // 2
+    second = _Segment(events[half:])
+    return [_Segment(events[:half], sibling=second), second]
+
+
+def _ids(segments: list[_Segment]) -> list[int]:
+    return [c.delivery_id for s in segments for c in s.events]
+
+
+class GroupExecutor:
+    """Runs the groups of one unit, each to the end: acked, recorded as failed, or given back."""
+
+    def __init__(
+        self,
+        conn: PooledConnection,
+        unit: Unit,
+        store: Store,
+        metrics: HandlerMetrics,
+        caution: Caution,
+        handler_timeout: float,
+        retry_at: Callable[[str, float], None],
+        log_error: Callable[[str, str, BaseException], None],
+    ) -> None:
+        self._conn = conn
+        self._unit = unit
+        self._handler = unit.handler
+        self._store = store
+        self._metrics = metrics
+        self._caution = caution
+        self._timeout = handler_timeout
+        self._retry_at = retry_at
+        self._log_error = log_error
+        self._mode = Mode.FAST
+        self._todo: deque[_Segment] = deque()
+        self._failures: list[tuple[Claimed, BaseException]] = []
+
+    async def run(self, group: list[Claimed]) -> None:
+        careful = self._handler.batch and len(group) > 1 and self._caution.active()
+        self._mode = Mode.SAVEPOINTS if careful else Mode.FAST
+        self._todo.append(_Segment(group))
+        while self._todo or self._failures:
+            await self._transaction()
+
+    # -- one transaction --------------------------------------------------------------------
+
+    async def _transaction(self) -> None:
+        if not self._todo:
+            await self._record_failures_alone()
+            return
+        db = await self._conn.get()
+        session = HandlerSession(bind=db, expire_on_commit=False)
+        done: list[_Segment] = []
+        try:
+            txn = await session.begin()
+            while self._todo:
+                segment = self._todo.popleft()
+                if segment.failing and len(segment.events) > 1:
+                    # Its sibling succeeded, so the failure is in here: running it whole again
+                    # would only fail again. Split it straight away.
+                    self._todo.extendleft(reversed(_halves(segment.events)))
+                    continue
+                failure = await self._run_segment(session, segment)
+                if failure is None:
+                    done.append(segment)
+                    if segment.sibling is not None:
+                        segment.sibling.failing = True
+                    if self._mode is Mode.SEPARATE:
+                        break
+                    continue
+                self._caution.failed()
+                if is_transient(failure.error):
+                    await self._abandon(session, failure.error)
+                    await self._give_back_transient([*done, segment, *self._todo], failure.error)
+                    return
+                self._isolate(segment, failure)
+                if failure.lost:
+                    # What ran in this transaction is undone: run it again in the next one.
+                    self._todo.extendleft(reversed(done))
+                    await self._abandon(session, failure.error)
+                    if self._mode is Mode.FAST:
+                        self._mode = Mode.SAVEPOINTS
+                    return
+            await self._commit(session, txn, done)
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await session.close()
+
+    async def _run_segment(self, session: AsyncSession, segment: _Segment) -> _Failure | None:
+        calls = HandlerCalls(self._handler, self._timeout)
+        nested = await session.begin_nested() if self._mode is Mode.SAVEPOINTS else None
+        try:
+            await calls.run([c.event for c in segment.events], session)
+            if nested is not None:
+                await nested.commit()  # RELEASE SAVEPOINT
+            return None
+        except Exception as exc:
+            lost = nested is None or connection_is_suspect(exc)
+            if not lost and nested is not None:
+                try:
+                    await nested.rollback()  # ROLLBACK TO SAVEPOINT
+                except Exception:
+                    lost = True
+            return _Failure(exc, calls.blame, lost)
+        finally:
+            observe_many(self._metrics.duration, calls.durations)
+
+    def _isolate(self, segment: _Segment, failure: _Failure) -> None:
+        """Put the failing event on record, or split the segment to find it."""
+        events = segment.events
+        blame = failure.blame
+        if len(events) == 1:
+            self._failures.append((events[0], failure.error))
+            return
+        if blame is None or not 0 <= blame < len(events):
+            self._todo.extendleft(reversed(_halves(events)))
+        elif self._handler.batch:
+            # The handler stopped at this event: run the others, then it alone.
+            others = events[:blame] + events[blame + 1 :]
+            self._todo.extendleft([_Segment([events[blame]]), _Segment(others)])
+        else:
+            # The failing call is on record; the calls before it succeeded and run again (their
+            # work was rolled back with it), then the calls after it.
+            self._failures.append((events[blame], failure.error))
+            parts = (events[:blame], events[blame + 1 :])
+            self._todo.extendleft(reversed([_Segment(part) for part in parts if part]))
+
+    # -- the end of a transaction ---------------------------------------------------------
+
+    async def _commit(
+        self, session: AsyncSession, txn: AsyncSessionTransaction, done: list[_Segment]
+    ) -> None:
+        ids = _ids(done)
+        failures, self._failures = self._failures, []
+        try:
+            db = await session.connection()
+            recorded = [
+                await self._store.record_failure(
+                    db, c.delivery_id, self._unit.token, self._describe(e)
+                )
+                for c, e in failures
+            ]
+            if ids:
+                acked = await self._store.ack(db, ids, self._unit.token)
+                if acked != len(ids):
+                    raise LeaseLost(f"{len(ids) - acked} of {len(ids)} events were taken over")
+            await txn.commit()
+        except LeaseLost as exc:
+            await self._lease_lost(session, ids + [c.delivery_id for c, _ in failures], exc)
+            return
+        except Exception as exc:
+            self._failures = failures  # not on record: record them in the next transaction
+            await self._abandon(session, exc)
+            if is_transient(exc):
+                await self._give_back_transient(done, exc)
+            elif self._mode is Mode.SEPARATE and done:
+                # One segment per transaction, and its commit failed: it is the one to blame.
+                self._caution.failed()
+                self._isolate(done[0], _Failure(exc, None, lost=True))
+            elif done:
+                # Which segment the commit failed for is unknown: one transaction each.
+                self._mode = Mode.SEPARATE
+                self._todo.extendleft(reversed(done))
+            else:
+                raise
+            return
+        self._unit.open_ids.difference_update(ids)
+        self._report_failures(failures, recorded)
+        if done:
+            now = time.time()
+            events = [c for s in done for c in s.events]
+            self._metrics.ok.inc(len(events))
+            observe_many(self._metrics.lag, [max(0.0, now - c.created) for c in events])
+            log.debug("handled", handler=self._handler.name, events=len(events))
+
+    async def _record_failures_alone(self) -> None:
+        """Failures with nothing else to commit: one statement each, no transaction."""
+        failures, self._failures = self._failures, []
+        db = await self._conn.get()
+        token = self._unit.token
+        try:
+            recorded = [
+                await self._store.record_failure_alone(db, c.delivery_id, token, self._describe(e))
+                for c, e in failures
+            ]
+        except Exception as exc:
+            await discard_after_driver_error(db, exc)
+            await self._conn.discard()
+            raise
+        self._report_failures(failures, recorded)
+
+    async def _abandon(self, session: AsyncSession, error: BaseException) -> None:
+        """Roll the transaction back; throw the connection away if its state is unknown."""
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await session.close()
+        if connection_is_suspect(error):
+            await self._conn.discard()
+
+    async def _lease_lost(self, session: AsyncSession, ids: list[int], exc: LeaseLost) -> None:
+        """Some of the group was taken over; give back what is still ours (fenced by the
+        token, so rows another process holds are untouched)."""
+        self._metrics.lease_conflicts.inc()
+        log.warning("lease_lost", handler=self._handler.name, detail=str(exc))
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await session.close()
+        await self._store.release(await self._conn.get(), ids, self._unit.token)
+        self._unit.open_ids.difference_update(ids)
+
+    async def _give_back_transient(self, segments: list[_Segment], error: BaseException) -> None:
+        """Not the events' fault: give them back with the attempt refunded, retried soon. The
+        failures already seen are recorded in the same transaction."""
+        segments = [*segments, *self._todo]
+        self._todo.clear()
+        failures, self._failures = self._failures, []
+        self._metrics.transient_errors.inc()
+        self._log_error("transient_error", self._handler.name, error)
+        ids = _ids(segments)
+        db = await self._conn.get()
+        recorded = [
+            await self._store.record_failure(db, c.delivery_id, self._unit.token, self._describe(e))
+            for c, e in failures
+        ]
+        await self._store.fail_transient(db, ids, self._unit.token)  # commits
+        self._unit.open_ids.difference_update(ids)
+        self._report_failures(failures, recorded)
+        self._retry_at(self._handler.name, self._store.retry_base)
+
+    def _report_failures(
+        self,
+        failures: list[tuple[Claimed, BaseException]],
+        recorded: list[tuple[bool, float] | None],
+    ) -> None:
+        metrics = self._metrics
+        for (item, error), result in zip(failures, recorded, strict=True):
+            self._unit.open_ids.discard(item.delivery_id)
+            if result is None:  # no longer ours
+                metrics.lease_conflicts.inc()
+                continue
+            dead, retry_in = result
+            if not dead:
+                self._retry_at(self._handler.name, retry_in)
+            (metrics.dead if dead else metrics.retry).inc()
+            event = item.event
+            (log.error if dead else log.warning)(
+                "handler_failed",
+                handler=self._handler.name,
+                table=event.table,
+                op=event.op,
+                event_id=event.id,
+                delivery_id=item.delivery_id,
+                attempt=event.attempt,
+                outcome="dead" if dead else "retry",
+                error=self._describe(error),
+                # The traceback on the first failure and on the last: the retries in between
+                # almost always repeat it, and formatting one costs as much as handling events.
+                exc_info=error
+                if (dead or event.attempt == 1) and not isinstance(error, TimeoutError)
+                else None,
+            )
+
+    def _describe(self, error: BaseException) -> str:
+        if isinstance(error, TimeoutError):
+            return f"handler timed out after {self._timeout:g} s (PGREACT_HANDLER_TIMEOUT)"
+        return describe(error)
+
+
+def describe(error: BaseException) -> str:
+    """An error in one line or a few: its type and message."""
+    text = f"{type(error).__name__}: {error}"
+    if not str(error):
+        tb = traceback.format_exception_only(type(error), error)
+        text = "".join(tb).strip()
+    return text
