@@ -36,6 +36,7 @@ class WatchedEvents(list[Event]):
         self.finished = False
 
     def __iter__(self) -> Iterator[Event]:
+        self.finished = False  # what counts is the iteration in progress when it raised
         for index, event in enumerate(list.__iter__(self)):
             self.reached = index
             yield event

@@ -82,6 +82,12 @@ class PooledConnection:
             self._owned = True
         return self._conn
 
+    async def end_transaction(self) -> None:
+        """Roll back what a session left behind: after a failed COMMIT, closing the session
+        does not end the connection's transaction."""
+        if self._conn is not None:
+            await self._conn.rollback()  # also ends a transaction that is no longer active
+
     async def discard(self) -> None:
         conn, self._conn = self._conn, None
         if conn is None:
@@ -341,6 +347,7 @@ class GroupExecutor:
         """Roll the transaction back; throw the connection away if its state is unknown."""
         with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
             await session.close()
+            await self._conn.end_transaction()
         if connection_is_suspect(error):
             await self._conn.discard()
 

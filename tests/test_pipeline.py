@@ -164,39 +164,6 @@ async def test_batch_handler_isolates_the_failing_event(pg_dsn: str, sa_url: str
     assert sql(pg_dsn, "SELECT row_key FROM pgreact.queue WHERE dead_at IS NOT NULL") == [("77",)]
 
 
-async def test_batch_bisection_does_not_rerun_a_half_known_to_fail(
-    pg_dsn: str, sa_url: str
-) -> None:
-    """Batch of 8, event 6 poison: after [1-8] fails and [1-4] succeeds, [5-8] must hold the
-    failure, so it is split without being run whole again."""
-    create_tables(pg_dsn)
-    router = Router()
-    calls: list[list[int]] = []
-
-    @router.on_batch("source", name="bulk", max_size=8)
-    async def bulk(events: Sequence[Event], session: AsyncSession) -> None:
-        calls.append([int(e.key or 0) for e in events])
-        if any(e.key == "6" for e in events):
-            raise RuntimeError("6 is poison")
-        await session.execute(EFFECT, [effect_row("bulk", e) for e in events])
-
-    await install(sa_url, router)
-    # Queued before the daemon starts, so that one claim takes all eight.
-    sql(pg_dsn, "INSERT INTO source SELECT g, g FROM generate_series(1, 8) g")
-    async with running(make_settings(sa_url, max_attempts=1), router):
-        await wait_until(lambda: queue_state(pg_dsn)["live"] == 0, message="all handled")
-    assert calls[:6] == [
-        [1, 2, 3, 4, 5, 6, 7, 8],
-        [1, 2, 3, 4],
-        [5, 6],  # not [5, 6, 7, 8]
-        [5],
-        [6],
-        [7, 8],
-    ]
-    assert effect_counts(pg_dsn) == (7, 7)
-    assert queue_state(pg_dsn)["dead"] == 1
-
-
 async def test_hanging_handler_times_out_and_the_queue_keeps_moving(
     pg_dsn: str, sa_url: str
 ) -> None:

@@ -1,0 +1,219 @@
+"""How a failing event is found and isolated without giving up the rest of its group
+(service/executor.py), end to end against a real server, for both drivers. Each test queues
+its events before the daemon starts, so that one claim takes them all."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service import Event, Router
+from tests.handlers.common import EFFECT, effect_row
+from tests.support import (
+    create_tables,
+    effect_counts,
+    install,
+    make_settings,
+    queue_state,
+    running,
+    sql,
+    wait_until,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+def keys(events: Sequence[Event]) -> list[int]:
+    return [int(e.key or 0) for e in events]
+
+
+async def run_until_settled(pg_dsn: str, sa_url: str, router: Router, rows: int) -> None:
+    """Queue ``rows`` changes, run the daemon until none is live, with one attempt each."""
+    await install(sa_url, router)
+    sql(pg_dsn, f"INSERT INTO source SELECT g, g FROM generate_series(1, {rows}) g")
+    async with running(make_settings(sa_url, max_attempts=1), router):
+        await wait_until(lambda: queue_state(pg_dsn)["live"] == 0, message="all settled")
+
+
+def dead_keys(pg_dsn: str) -> list[str]:
+    rows = sql(pg_dsn, "SELECT row_key FROM pgreact.queue WHERE dead_at IS NOT NULL ORDER BY 1")
+    return [r[0] for r in rows]
+
+
+async def test_on_handler_reruns_only_the_calls_before_the_failing_one(
+    pg_dsn: str, sa_url: str
+) -> None:
+    create_tables(pg_dsn)
+    router = Router()
+    calls: list[int] = []
+
+    @router.on("source", name="one")
+    async def one(event: Event, session: AsyncSession) -> None:
+        calls.append(int(event.key or 0))
+        if event.key == "3":
+            raise RuntimeError("3 is poison")
+        await session.execute(EFFECT, effect_row("one", event))
+
+    await run_until_settled(pg_dsn, sa_url, router, 8)
+    # 1-3 (fails), then with savepoints: 1-2 again (their writes went with 3's), 4-8.
+    assert calls == [1, 2, 3, 1, 2, 4, 5, 6, 7, 8]
+    assert effect_counts(pg_dsn) == (7, 7)
+    assert dead_keys(pg_dsn) == ["3"]
+
+
+async def test_batch_handler_gets_the_event_its_iteration_stopped_at_blamed(
+    pg_dsn: str, sa_url: str
+) -> None:
+    create_tables(pg_dsn)
+    router = Router()
+    calls: list[list[int]] = []
+
+    @router.on_batch("source", name="bulk", max_size=8)
+    async def bulk(events: Sequence[Event], session: AsyncSession) -> None:
+        calls.append(keys(events))
+        for event in events:  # validation that stops at the first bad event
+            if event.key == "6":
+                raise ValueError("6 is malformed")
+        await session.execute(EFFECT, [effect_row("bulk", e) for e in events])
+
+    await run_until_settled(pg_dsn, sa_url, router, 8)
+    # No bisection: the other seven at once, then 6 alone to confirm it.
+    assert calls == [[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 7, 8], [6]]
+    assert effect_counts(pg_dsn) == (7, 7)
+    assert dead_keys(pg_dsn) == ["6"]
+
+
+async def test_batch_bisection_does_not_rerun_a_half_known_to_fail(
+    pg_dsn: str, sa_url: str
+) -> None:
+    """Batch of 8, event 6 poison, found only after the handler has seen every event: after
+    [1-8] fails and [1-4] succeeds, [5-8] must hold the failure, so it is split without being
+    run whole again."""
+    create_tables(pg_dsn)
+    router = Router()
+    calls: list[list[int]] = []
+
+    @router.on_batch("source", name="bulk", max_size=8)
+    async def bulk(events: Sequence[Event], session: AsyncSession) -> None:
+        calls.append(keys(events))
+        if 6 in calls[-1]:
+            raise RuntimeError("6 is poison")
+        await session.execute(EFFECT, [effect_row("bulk", e) for e in events])
+
+    await run_until_settled(pg_dsn, sa_url, router, 8)
+    assert calls == [
+        [1, 2, 3, 4, 5, 6, 7, 8],
+        [1, 2, 3, 4],
+        [5, 6],  # not [5, 6, 7, 8]
+        [5],
+        [6],
+        [7, 8],
+    ]
+    assert effect_counts(pg_dsn) == (7, 7)
+    assert dead_keys(pg_dsn) == ["6"]
+
+
+async def test_a_failing_commit_is_pinned_on_its_event(pg_dsn: str, sa_url: str) -> None:
+    """A deferred constraint fails at COMMIT, after every call succeeded: no call and no
+    savepoint can be blamed, so the group runs a transaction per segment until the culprit is
+    alone. Everything else commits exactly once."""
+    create_tables(pg_dsn)
+    sql(
+        pg_dsn,
+        "CREATE TABLE taken (k text UNIQUE DEFERRABLE INITIALLY DEFERRED);"
+        "INSERT INTO taken VALUES ('5')",
+    )
+    router = Router()
+
+    @router.on_batch("source", name="bulk", max_size=8)
+    async def bulk(events: Sequence[Event], session: AsyncSession) -> None:
+        await session.execute(text("INSERT INTO taken VALUES (:k)"), [{"k": e.key} for e in events])
+        await session.execute(EFFECT, [effect_row("bulk", e) for e in events])
+
+    await run_until_settled(pg_dsn, sa_url, router, 8)
+    assert effect_counts(pg_dsn) == (7, 7)
+    assert dead_keys(pg_dsn) == ["5"]
+    (error,) = sql(pg_dsn, "SELECT last_error FROM pgreact.queue")[0]
+    assert "IntegrityError" in error and "taken" in error
+    assert sql(pg_dsn, "SELECT count(*), count(DISTINCT k) FROM taken") == [(8, 8)]
+
+
+async def test_a_failure_after_a_failure_in_the_same_group_keeps_what_succeeded(
+    pg_dsn: str, sa_url: str
+) -> None:
+    """Several poison events in one group of an ``on`` handler: each costs a savepoint, the
+    others commit once, and the log of calls shows no event run more than twice."""
+    create_tables(pg_dsn)
+    router = Router()
+    calls: list[int] = []
+
+    @router.on("source", name="one")
+    async def one(event: Event, session: AsyncSession) -> None:
+        calls.append(int(event.key or 0))
+        await session.execute(EFFECT, effect_row("one", event))
+        if int(event.key or 0) % 7 == 0:  # after writing: the savepoint must undo it
+            raise RuntimeError("multiples of 7 are poison")
+
+    await run_until_settled(pg_dsn, sa_url, router, 50)
+    assert effect_counts(pg_dsn) == (43, 43)
+    assert dead_keys(pg_dsn) == sorted(str(k) for k in range(7, 50, 7))
+    assert max(calls.count(k) for k in set(calls)) == 2
+
+
+async def test_an_error_message_holding_nul_is_recorded(pg_dsn: str, sa_url: str) -> None:
+    """PostgreSQL text cannot hold NUL; the failure must still be recorded, not lost in a
+    second error while recording it."""
+    create_tables(pg_dsn)
+    router = Router()
+
+    @router.on("source", name="one")
+    async def one(event: Event, session: AsyncSession) -> None:
+        raise ValueError(f"bad byte in {event.key}: \x00")
+
+    await run_until_settled(pg_dsn, sa_url, router, 2)
+    assert dead_keys(pg_dsn) == ["1", "2"]
+    errors = [r[0] for r in sql(pg_dsn, "SELECT last_error FROM pgreact.queue ORDER BY id")]
+    assert errors == ["ValueError: bad byte in 1: \\0", "ValueError: bad byte in 2: \\0"]
+
+
+async def test_a_batch_that_hangs_in_sql_is_cancelled_and_its_event_isolated(
+    pg_dsn: str, sa_url: str
+) -> None:
+    """A timeout leaves the connection's state unknown: the transaction is given up with the
+    connection, what had succeeded in it runs again in the next one, and the event the handler
+    hung on is dead after its one attempt."""
+    create_tables(pg_dsn)
+    router = Router()
+
+    @router.on_batch("source", name="bulk", max_size=8)
+    async def bulk(events: Sequence[Event], session: AsyncSession) -> None:
+        for event in events:
+            if event.key == "3":
+                await session.execute(text("SELECT pg_sleep(3600)"))
+        await session.execute(EFFECT, [effect_row("bulk", e) for e in events])
+
+    await install(sa_url, router)
+    sql(pg_dsn, "INSERT INTO source SELECT g, g FROM generate_series(1, 8) g")
+    settings = make_settings(sa_url, max_attempts=1, handler_timeout=0.5)
+    async with running(settings, router):
+        await wait_until(lambda: queue_state(pg_dsn)["live"] == 0, message="all settled")
+        assert effect_counts(pg_dsn) == (7, 7)
+        assert dead_keys(pg_dsn) == ["3"]
+        (error,) = sql(pg_dsn, "SELECT last_error FROM pgreact.queue")[0]
+        assert "timed out after 0.5 s" in error
+        # Neither the cancelled query nor its transaction outlives the timeout.
+        await wait_until(
+            lambda: (
+                sql(
+                    pg_dsn,
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND (query LIKE '%%pg_sleep(3600)%%' AND state = 'active' "
+                    "     OR state LIKE 'idle in transaction%%') AND pid <> pg_backend_pid()",
+                )
+                == [(0,)]
+            ),
+            message="no hung query, no open transaction",
+        )
