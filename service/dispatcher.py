@@ -26,7 +26,7 @@ from anyio.abc import TaskStatus
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.db import discard_after_driver_error
-from service.executor import Caution, GroupExecutor, PooledConnection, Unit, describe
+from service.executor import GroupExecutor, PooledConnection, Unit, describe
 from service.metrics import Metrics
 from service.router import DurableHandler
 from service.store import Claimed, Store
@@ -80,7 +80,6 @@ class Dispatcher:
         self._wakeups = {h.name: Wakeup() for h in self._handlers}
         self._handler_metrics = {h.name: metrics.for_handler(h.name) for h in self._handlers}
         self._claiming = {h.name: anyio.Lock() for h in self._handlers}
-        self._caution = {h.name: Caution() for h in self._handlers}
         self._by_table: dict[str, list[str]] = {}
         for h in self._handlers:
             self._by_table.setdefault(h.table.qualified, []).append(h.name)
@@ -94,7 +93,7 @@ class Dispatcher:
         self._retry_due: dict[str, list[float]] = {h.name: [] for h in self._handlers}
         self._idle: set[str] = set()
         self._suspect_inflight = False
-        self._suspect_denied = False
+        self._suspect_denied: set[str] = set()  # handlers that claimed without a suspect
         self._may_claim = anyio.Event()
         self._arming = False
         self._tg: anyio.abc.TaskGroup | None = None
@@ -142,10 +141,10 @@ class Dispatcher:
 
     def _release_suspect_slot(self) -> None:
         self._suspect_inflight = False
-        if self._suspect_denied:
-            # Some claim went without suspects while the slot was taken: let them try again.
-            self._suspect_denied = False
-            self.wake()
+        # Claims that went without suspects while the slot was taken: let them try again.
+        denied, self._suspect_denied = self._suspect_denied, set()
+        for name in denied:
+            self._wakeups[name].ring()
 
     # -- idle: re-arm the doorbell ----------------------------------------------------------
 
@@ -233,12 +232,10 @@ class Dispatcher:
         unit = Unit(handler, self._token_base + self._token_seq)
         self._units[unit.token] = unit
         started = False
-        holds_suspect = False
         reason: BaseException | str = "interrupted by shutdown before it finished"
         try:
             async with self._engine.connect() as first:
                 claimed = await self._claim(first, unit, limit)
-                holds_suspect = any(c.failed_before for c in claimed)
                 unit.open_ids = {c.delivery_id for c in claimed}
                 task_status.started(len(claimed))
                 started = True
@@ -260,7 +257,7 @@ class Dispatcher:
             # deadline) is given back with its attempt refunded.
             if unit.open_ids:
                 await self._give_back(unit, reason)
-            if holds_suspect:
+            if unit.holds_suspect:
                 self._release_suspect_slot()
             self._units.pop(unit.token, None)
             self._slots.release()
@@ -276,7 +273,8 @@ class Dispatcher:
             # process: if it kills the process, nothing else is blamed.
             take_suspect = not self._suspect_inflight
             self._suspect_inflight = True
-            self._suspect_denied |= not take_suspect
+            if not take_suspect:
+                self._suspect_denied.add(handler.name)
             try:
                 # The claim commits on the server whether or not its answer arrives: shielded,
                 # so that a shutdown cannot cancel it between the two and orphan the batch.
@@ -290,33 +288,34 @@ class Dispatcher:
                 if isinstance(exc, Exception):
                     await discard_after_driver_error(conn, exc)
                 raise
-        if take_suspect and not any(c.failed_before for c in claimed):
+        unit.holds_suspect = take_suspect and any(c.failed_before for c in claimed)
+        if take_suspect and not unit.holds_suspect:
             self._release_suspect_slot()
         return claimed
 
     async def _work(self, conn: PooledConnection, unit: Unit, claimed: list[Claimed]) -> None:
         handler = unit.handler
-        # Events that failed before run alone (one per transaction): if one kills the process,
-        # nothing else is blamed for it.
-        fresh = [c for c in claimed if not c.failed_before]
-        groups: list[list[Claimed]] = [[c] for c in claimed if c.failed_before]
-        if handler.batch:
-            size = handler.max_size
-            groups += [fresh[i : i + size] for i in range(0, len(fresh), size)]
-        elif fresh:
-            groups.append(fresh)
         executor = GroupExecutor(
             conn,
             unit,
             self._store,
             self._handler_metrics[handler.name],
-            self._caution[handler.name],
             self._config.handler_timeout,
             retry_at=self._retry_at,
             log_error=self._log_error,
         )
-        for group in groups:
-            await executor.run(group)
+        # A suspect (an event that failed or was abandoned before) runs first and alone: if it
+        # kills the process, nothing else is blamed for it. Once it is settled, the process may
+        # take the next one, while this unit goes on with the fresh events.
+        for suspect in (c for c in claimed if c.failed_before):
+            await executor.run([suspect])
+        if unit.holds_suspect:
+            unit.holds_suspect = False
+            self._release_suspect_slot()
+        fresh = [c for c in claimed if not c.failed_before]
+        size = handler.max_size if handler.batch else max(1, len(fresh))
+        for start in range(0, len(fresh), size):
+            await executor.run(fresh[start : start + size])
 
     async def _give_back(self, unit: Unit, reason: BaseException | str) -> None:
         """After an unexpected failure or cancellation, return what the unit still holds (best

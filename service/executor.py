@@ -1,22 +1,25 @@
 """Runs a claimed group of events through its handler, in as few transactions as failures allow.
 
 The fast path is one transaction: the handler's calls, the ack, one commit. When a call fails,
-the transaction is rolled back and the group runs again in one transaction with a *savepoint*
-per segment, so that a failing segment is rolled back alone and the rest goes on; the failures
-are recorded and the other events acked in the one commit at the end. Which events to blame:
+the failing event is put on record and the others go on, in the same transaction where
+possible: once some of a transaction's work has succeeded, each further part (a *segment*: one
+batch call, or a run of ``on`` calls) runs under a savepoint, so that a failing segment is
+rolled back alone. The failures are recorded and the other events acked in one commit. A
+transaction's first segment needs no savepoint: if it fails, there is nothing to keep, and the
+transaction starts again without it.
 
-- ``on`` handlers: the event of the failing call. The calls before it and the calls after it
-  run as two segments.
+Which events to blame:
+- ``on`` handlers: the event of the failing call. The calls before it (their writes went with
+  it) and the calls after it run as two segments.
 - ``on_batch`` handlers: if the handler's iteration over its events stopped early, the event it
   stopped at is run apart from the others; otherwise the batch is split in halves, and again,
-  until the failing events are alone. A batch handler that failed in the last
-  :data:`CAREFUL_FOR` seconds starts with a savepoint (cheap next to a batch), so that under a
-  stream of poison events a failure costs a savepoint, not a transaction.
+  until the failing events are alone.
 - if the commit itself fails (a deferred constraint, say), no segment can be blamed: each then
   runs in a transaction of its own.
 
-Savepoints are not used on the fast path of ``on`` handlers: two more round trips per call, or
-even per sixteen calls, cost more than re-running the calls before a rare failure.
+Savepoints are not used on the fast path: SAVEPOINT and RELEASE are two more round trips, which
+per call, or even per sixteen calls of a cheap ``on`` handler, cost more than re-running the
+calls before a rare failure.
 
 A transient error (lost connection, serialization failure, …) gives the whole group back with
 its attempts refunded, as does anything the unit cannot finish (see the dispatcher).
@@ -25,7 +28,6 @@ its attempts refunded, as does anything the unit cannot finish (see the dispatch
 from __future__ import annotations
 
 import contextlib
-import enum
 import time
 import traceback
 from collections import deque
@@ -45,9 +47,6 @@ from service.router import DurableHandler
 from service.store import Claimed, Store
 
 log = structlog.get_logger("pgreact.dispatcher")
-
-CAREFUL_FOR = 30.0
-"""Seconds a batch handler starts with a savepoint after it last failed."""
 
 
 class HandlerSession(AsyncSession):
@@ -114,25 +113,7 @@ class Unit:
     handler: DurableHandler
     token: int
     open_ids: set[int] = field(default_factory=set)
-
-
-@dataclass
-class Caution:
-    """When a handler last failed: for a while after, its batches start with a savepoint."""
-
-    until: float = 0.0
-
-    def active(self) -> bool:
-        return time.monotonic() < self.until
-
-    def failed(self) -> None:
-        self.until = time.monotonic() + CAREFUL_FOR
-
-
-class Mode(enum.Enum):
-    FAST = "one transaction, no savepoints"
-    SAVEPOINTS = "one transaction, a savepoint per segment"
-    SEPARATE = "a transaction per segment"
+    holds_suspect: bool = False  # the process's one suspect in flight (see the dispatcher)
 
 
 @dataclass(eq=False)
@@ -171,7 +152,6 @@ class GroupExecutor:
         unit: Unit,
         store: Store,
         metrics: HandlerMetrics,
-        caution: Caution,
         handler_timeout: float,
         retry_at: Callable[[str, float], None],
         log_error: Callable[[str, str, BaseException], None],
@@ -181,17 +161,15 @@ class GroupExecutor:
         self._handler = unit.handler
         self._store = store
         self._metrics = metrics
-        self._caution = caution
         self._timeout = handler_timeout
         self._retry_at = retry_at
         self._log_error = log_error
-        self._mode = Mode.FAST
+        self._separate = False  # a transaction per segment (after a COMMIT failed)
         self._todo: deque[_Segment] = deque()
         self._failures: list[tuple[Claimed, BaseException]] = []
 
     async def run(self, group: list[Claimed]) -> None:
-        careful = self._handler.batch and len(group) > 1 and self._caution.active()
-        self._mode = Mode.SAVEPOINTS if careful else Mode.FAST
+        self._separate = False
         self._todo.append(_Segment(group))
         while self._todo or self._failures:
             await self._transaction()
@@ -214,15 +192,14 @@ class GroupExecutor:
                     # would only fail again. Split it straight away.
                     self._todo.extendleft(reversed(_halves(segment.events)))
                     continue
-                failure = await self._run_segment(session, segment)
+                failure = await self._run_segment(session, segment, savepoint=bool(done))
                 if failure is None:
                     done.append(segment)
                     if segment.sibling is not None:
                         segment.sibling.failing = True
-                    if self._mode is Mode.SEPARATE:
+                    if self._separate:
                         break
                     continue
-                self._caution.failed()
                 if is_transient(failure.error):
                     await self._abandon(session, failure.error)
                     await self._give_back_transient([*done, segment, *self._todo], failure.error)
@@ -232,17 +209,17 @@ class GroupExecutor:
                     # What ran in this transaction is undone: run it again in the next one.
                     self._todo.extendleft(reversed(done))
                     await self._abandon(session, failure.error)
-                    if self._mode is Mode.FAST:
-                        self._mode = Mode.SAVEPOINTS
                     return
             await self._commit(session, txn, done)
         finally:
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await session.close()
 
-    async def _run_segment(self, session: AsyncSession, segment: _Segment) -> _Failure | None:
+    async def _run_segment(
+        self, session: AsyncSession, segment: _Segment, *, savepoint: bool
+    ) -> _Failure | None:
         calls = HandlerCalls(self._handler, self._timeout)
-        nested = await session.begin_nested() if self._mode is Mode.SAVEPOINTS else None
+        nested = await session.begin_nested() if savepoint else None
         try:
             await calls.run([c.event for c in segment.events], session)
             if nested is not None:
@@ -307,13 +284,12 @@ class GroupExecutor:
             await self._abandon(session, exc)
             if is_transient(exc):
                 await self._give_back_transient(done, exc)
-            elif self._mode is Mode.SEPARATE and done:
+            elif self._separate and done:
                 # One segment per transaction, and its commit failed: it is the one to blame.
-                self._caution.failed()
                 self._isolate(done[0], _Failure(exc, None, lost=True))
             elif done:
                 # Which segment the commit failed for is unknown: one transaction each.
-                self._mode = Mode.SEPARATE
+                self._separate = True
                 self._todo.extendleft(reversed(done))
             else:
                 raise
