@@ -26,7 +26,15 @@ from anyio.abc import TaskStatus
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from service.db import discard_after_driver_error
-from service.executor import GroupExecutor, PooledConnection, Unit, describe
+from service.executor import (
+    TRACEBACK_INTERVAL,
+    ExecutionContext,
+    GroupExecutor,
+    PooledConnection,
+    Unit,
+    describe,
+)
+from service.logging import Throttle
 from service.metrics import Metrics
 from service.router import DurableHandler
 from service.store import Claimed, Store
@@ -97,7 +105,19 @@ class Dispatcher:
         self._may_claim = anyio.Event()
         self._arming = False
         self._tg: anyio.abc.TaskGroup | None = None
-        self._last_error_log: dict[str, float] = {}
+        self._error_lines = Throttle(config.error_log_interval)
+        tracebacks = Throttle(TRACEBACK_INTERVAL)
+        self._contexts = {
+            h.name: ExecutionContext(
+                store,
+                self._handler_metrics[h.name],
+                config.handler_timeout,
+                self._retry_at,
+                self._log_error,
+                tracebacks,
+            )
+            for h in self._handlers
+        }
 
     # -- control --------------------------------------------------------------------------
 
@@ -295,15 +315,7 @@ class Dispatcher:
 
     async def _work(self, conn: PooledConnection, unit: Unit, claimed: list[Claimed]) -> None:
         handler = unit.handler
-        executor = GroupExecutor(
-            conn,
-            unit,
-            self._store,
-            self._handler_metrics[handler.name],
-            self._config.handler_timeout,
-            retry_at=self._retry_at,
-            log_error=self._log_error,
-        )
+        executor = GroupExecutor(conn, unit, self._contexts[handler.name])
         # A suspect (an event that failed or was abandoned before) runs first and alone: if it
         # kills the process, nothing else is blamed for it. Once it is settled, the process may
         # take the next one, while this unit goes on with the fresh events.
@@ -338,12 +350,8 @@ class Dispatcher:
     def _log_error(self, event: str, handler: str, exc: BaseException) -> None:
         """Log database trouble at most once per interval per handler: a database that is down
         for a minute must not produce thousands of identical lines."""
-        now = time.monotonic()
-        key = f"{event}:{handler}"
-        if now - self._last_error_log.get(key, -1e9) < self._config.error_log_interval:
-            return
-        self._last_error_log[key] = now
-        log.warning(event, handler=handler, error=_brief(exc))
+        if self._error_lines.ready((event, handler)):
+            log.warning(event, handler=handler, error=_brief(exc))
 
 
 def _brief(error: BaseException) -> str:

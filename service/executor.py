@@ -42,11 +42,15 @@ from sqlalchemy.ext.asyncio.session import AsyncSessionTransaction
 from service.calls import HandlerCalls
 from service.db import connection_is_suspect, discard_after_driver_error, is_transient
 from service.errors import HandlerMisuse, LeaseLost
+from service.logging import Throttle
 from service.metrics import HandlerMetrics, observe_many
 from service.router import DurableHandler
 from service.store import Claimed, Store
 
 log = structlog.get_logger("pgreact.dispatcher")
+
+TRACEBACK_INTERVAL = 60.0
+"""Seconds between two tracebacks of the same failure (handler, exception type, line)."""
 
 
 class HandlerSession(AsyncSession):
@@ -143,27 +147,31 @@ def _ids(segments: list[_Segment]) -> list[int]:
     return [c.delivery_id for s in segments for c in s.events]
 
 
+@dataclass(frozen=True, slots=True)
+class ExecutionContext:
+    """What the groups of one handler run with, shared by all its units."""
+
+    store: Store
+    metrics: HandlerMetrics
+    handler_timeout: float
+    retry_at: Callable[[str, float], None]  # wake the handler when a retry falls due
+    log_error: Callable[[str, str, BaseException], None]  # database trouble, rate-limited
+    tracebacks: Throttle  # which failures get their traceback logged
+
+
 class GroupExecutor:
     """Runs the groups of one unit, each to the end: acked, recorded as failed, or given back."""
 
-    def __init__(
-        self,
-        conn: PooledConnection,
-        unit: Unit,
-        store: Store,
-        metrics: HandlerMetrics,
-        handler_timeout: float,
-        retry_at: Callable[[str, float], None],
-        log_error: Callable[[str, str, BaseException], None],
-    ) -> None:
+    def __init__(self, conn: PooledConnection, unit: Unit, context: ExecutionContext) -> None:
         self._conn = conn
         self._unit = unit
         self._handler = unit.handler
-        self._store = store
-        self._metrics = metrics
-        self._timeout = handler_timeout
-        self._retry_at = retry_at
-        self._log_error = log_error
+        self._store = context.store
+        self._metrics = context.metrics
+        self._timeout = context.handler_timeout
+        self._retry_at = context.retry_at
+        self._log_error = context.log_error
+        self._tracebacks = context.tracebacks
         self._separate = False  # a transaction per segment (after a COMMIT failed)
         self._todo: deque[_Segment] = deque()
         self._failures: list[tuple[Claimed, BaseException]] = []
@@ -372,6 +380,14 @@ class GroupExecutor:
                 self._retry_at(self._handler.name, retry_in)
             (metrics.dead if dead else metrics.retry).inc()
             event = item.event
+            fields: dict[str, object] = {}
+            if not isinstance(error, TimeoutError):
+                # The same failure over and over (a poison event's retries, a bad deploy) gets
+                # its traceback once a minute: formatting one costs more than handling events.
+                if self._tracebacks.ready((self._handler.name, *_failure_site(error))):
+                    fields["exc_info"] = error
+                else:
+                    fields["traceback"] = f"as logged in the last {TRACEBACK_INTERVAL:g} s"
             (log.error if dead else log.warning)(
                 "handler_failed",
                 handler=self._handler.name,
@@ -382,17 +398,23 @@ class GroupExecutor:
                 attempt=event.attempt,
                 outcome="dead" if dead else "retry",
                 error=self._describe(error),
-                # The traceback on the first failure and on the last: the retries in between
-                # almost always repeat it, and formatting one costs as much as handling events.
-                exc_info=error
-                if (dead or event.attempt == 1) and not isinstance(error, TimeoutError)
-                else None,
+                **fields,
             )
 
     def _describe(self, error: BaseException) -> str:
         if isinstance(error, TimeoutError):
             return f"handler timed out after {self._timeout:g} s (PGREACT_HANDLER_TIMEOUT)"
         return describe(error)
+
+
+def _failure_site(error: BaseException) -> tuple[str, str, int]:
+    """Where ``error`` was raised: its type, and the file and line of the innermost frame."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return type(error).__qualname__, "", 0
+    return type(error).__qualname__, tb.tb_frame.f_code.co_filename, tb.tb_lineno
 
 
 def describe(error: BaseException) -> str:

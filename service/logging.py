@@ -8,8 +8,10 @@ attempt) with one context variable, cheap enough to set around every handler cal
 from __future__ import annotations
 
 import logging
+import math
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Hashable, Mapping
 from contextvars import ContextVar, Token
 from typing import Any, Literal
 
@@ -34,6 +36,23 @@ def merge_handling(_logger: Any, _method: str, event_dict: Any) -> Any:
         for key, value in fields.items():
             event_dict.setdefault(key, value)
     return event_dict
+
+
+class Throttle:
+    """Says yes at most once per ``interval`` seconds for each key: for log lines that would
+    otherwise repeat by the thousand (a database that is down, the traceback of the same
+    failure over and over)."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last: dict[Hashable, float] = {}
+
+    def ready(self, key: Hashable) -> bool:
+        now = time.monotonic()
+        if now - self._last.get(key, -math.inf) < self.interval:
+            return False
+        self._last[key] = now
+        return True
 
 
 def _dumps(obj: object, default: object = None) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytest
+import structlog.testing
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -217,3 +218,28 @@ async def test_a_batch_that_hangs_in_sql_is_cancelled_and_its_event_isolated(
             ),
             message="no hung query, no open transaction",
         )
+
+
+async def test_the_traceback_of_a_repeated_failure_is_logged_once(pg_dsn: str, sa_url: str) -> None:
+    """Formatting a traceback costs more than handling an event: the same failure (handler,
+    exception type, line) logs its traceback once a minute, every failure still logs a line."""
+    create_tables(pg_dsn)
+    router = Router()
+
+    @router.on("source", name="one")
+    async def one(event: Event, session: AsyncSession) -> None:
+        if event.key == "4":
+            raise KeyError("four")  # a second failure site
+        raise ValueError(f"cannot handle {event.key}")
+
+    with structlog.testing.capture_logs() as logs:
+        await run_until_settled(pg_dsn, sa_url, router, 4)
+    failed = [line for line in logs if line["event"] == "handler_failed"]
+    assert sorted(line["event_id"] for line in failed) == [1, 2, 3, 4]
+    with_traceback = [line for line in failed if "exc_info" in line]
+    assert sorted(type(line["exc_info"]).__name__ for line in with_traceback) == [
+        "KeyError",
+        "ValueError",
+    ]
+    for line in failed:
+        assert ("exc_info" in line) != ("traceback" in line), line

@@ -71,7 +71,8 @@ class PoisonHandlers:
 
 BURST_BASE = 10**9  # burst keys: above the workload's, below the probes'
 MAX_ATTEMPTS = 3
-ROUNDS = 3  # poisoned bursts, each followed by a clean one
+ROUNDS = max(3, round(SCALE))  # poisoned bursts, each followed by a clean one
+BURST_ROWS = 2400  # a few seconds' worth: shorter bursts are mostly start and tail
 
 
 class Bursts:
@@ -156,7 +157,7 @@ async def test_poison_is_dead_lettered_without_slowing_the_rest_and_retried_once
     async with running(make_settings(sa_url, max_attempts=MAX_ATTEMPTS), router) as daemon:
         # Throughput: bursts with 1 % poison between bursts without, same size, same daemon;
         # medians, as one burst of a second or so is at the mercy of a shared machine.
-        bursts = Bursts(dsn, daemon, rows=int(800 * SCALE))
+        bursts = Bursts(dsn, daemon, rows=BURST_ROWS)
         await bursts.run()  # warm-up: pooled connections, prepared plans
         clean, poisoned = [await bursts.run()], []
         for _ in range(ROUNDS):
