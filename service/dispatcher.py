@@ -265,8 +265,10 @@ class Dispatcher:
                         await self._work(conn, unit, claimed)
                     finally:
                         await conn.close()
-            if claimed:
-                self._wakeups[handler.name].ring()  # the next event of a key may be free now
+            if unit.freed:
+                # The next event of a key may be free now. (A failure with a retry to come
+                # frees nothing: the event still heads its key, and the retry wakes us.)
+                self._wakeups[handler.name].ring()
         except Exception as exc:
             if not started:
                 task_status.started(CLAIM_FAILED)

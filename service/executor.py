@@ -118,6 +118,7 @@ class Unit:
     token: int
     open_ids: set[int] = field(default_factory=set)
     holds_suspect: bool = False  # the process's one suspect in flight (see the dispatcher)
+    freed: bool = False  # acked, dead-lettered or released something: later events may be free
 
 
 @dataclass(eq=False)
@@ -305,6 +306,7 @@ class GroupExecutor:
         self._unit.open_ids.difference_update(ids)
         self._report_failures(failures, recorded)
         if done:
+            self._unit.freed = True
             now = time.time()
             events = [c for s in done for c in s.events]
             self._metrics.ok.inc(len(events))
@@ -344,6 +346,7 @@ class GroupExecutor:
             await session.close()
         await self._store.release(await self._conn.get(), ids, self._unit.token)
         self._unit.open_ids.difference_update(ids)
+        self._unit.freed = True
 
     async def _give_back_transient(self, segments: list[_Segment], error: BaseException) -> None:
         """Not the events' fault: give them back with the attempt refunded, retried soon. The
@@ -376,6 +379,7 @@ class GroupExecutor:
                 metrics.lease_conflicts.inc()
                 continue
             dead, retry_in = result
+            self._unit.freed |= dead
             if not dead:
                 self._retry_at(self._handler.name, retry_in)
             (metrics.dead if dead else metrics.retry).inc()
