@@ -85,17 +85,20 @@ class Daemon:
             lease_seconds=_lease_seconds(s),
         )
         durable = self.router.durable
-        # Each handler transaction in flight holds a pooled connection; keep one back for the
-        # housekeeping queries and the readiness ping, or a busy pod would look unready.
-        capacity = max(1, s.pool_size + s.max_overflow - 1)
+        # Each handler transaction in flight holds a pooled connection, and only the pool's
+        # own connections stay open: an overflow connection is closed when it is returned, so
+        # units working on overflow connections connected anew for every batch (a new server
+        # process, cold caches; measured: 4-5 connects per 2,400-event burst at the defaults).
+        # Keep one back for the housekeeping queries and the readiness ping; the overflow
+        # absorbs those spikes.
+        capacity = max(1, s.pool_size - 1)
         concurrency = min(s.concurrency, capacity)
         if concurrency < s.concurrency:
             log.info(
                 "concurrency_capped",
                 requested=s.concurrency,
                 effective=concurrency,
-                hint="raise PGREACT_POOL_SIZE/PGREACT_MAX_OVERFLOW to run more handler "
-                "transactions at once",
+                hint="raise PGREACT_POOL_SIZE to run more handler transactions at once",
             )
         dispatcher = Dispatcher(
             engine,

@@ -73,6 +73,7 @@ BURST_BASE = 10**9  # burst keys: above the workload's, below the probes'
 MAX_ATTEMPTS = 3
 ROUNDS = max(5, round(3 * SCALE))  # poisoned bursts, each followed by a clean one
 BURST_ROWS = 2400  # a few seconds' worth: shorter bursts are mostly start and tail
+POISON_FLOOR = 0.8  # throughput with 1 % poison over clean, below which the case fails
 
 
 class Bursts:
@@ -207,18 +208,12 @@ async def test_poison_is_dead_lettered_without_slowing_the_rest_and_retried_once
     assert_clean(verdicts)  # after the retry: each retried event handled exactly once, in order
     for v in verdicts:
         assert v.dead == 0 and v.effects == v.changes, v
-    # A stall (a poison event holding a slot or its handler, a retry storm) shows far below
-    # these floors, which leave room for a noisy shared 2-core machine.
-    assert ratio["single"] >= 0.4 and ratio["batch"] >= 0.15, ratio
-    if min(ratio.values()) < 0.75:  # the criterion is 0.9, less the machine's noise
-        # Known (reported): an on_batch handler finds a poison event by bisecting its batch,
-        # ~2 log2(max_size) extra transactions per poison event. With a cheap batch handler
-        # that costs it about half its throughput at 1 % poison (~5 % at 0.1 %), and the CPU
-        # it burns slows the other handler of the process too (0.9x alone, ~0.7x beside it).
-        pytest.xfail(
-            f"throughput under 1 % poison: single {ratio['single']:.2f}x, "
-            f"batch {ratio['batch']:.2f}x of clean (criterion 0.9)"
-        )
+    # The criterion is 0.9. A burst of a second or two on a shared 2-core machine is noisy: the
+    # same estimator over clean bursts only (clean against clean) read 0.77-1.10 here, median
+    # 0.98. So CI holds the line at 0.8, which a stall, a retry storm or the old way of finding
+    # a batch's poison event (a committed transaction per bisection step: 0.69-0.80 in this
+    # test) does not pass reliably; the soak report gives the figure of every run.
+    assert min(ratio.values()) >= POISON_FLOOR, ratio
 
 
 # -- 12: no connection to spare ---------------------------------------------------------------
