@@ -211,7 +211,7 @@ class GroupExecutor:
                     continue
                 if is_transient(failure.error):
                     await self._abandon(session, failure.error)
-                    await self._give_back_transient([*done, segment, *self._todo], failure.error)
+                    await self._give_back_transient([*done, segment], failure.error)
                     return
                 self._isolate(segment, failure)
                 if failure.lost:
@@ -255,9 +255,10 @@ class GroupExecutor:
         if blame is None or not 0 <= blame < len(events):
             self._todo.extendleft(reversed(_halves(events)))
         elif self._handler.batch:
-            # The handler stopped at this event: run the others, then it alone.
+            # The handler stopped at this event: it alone first (if the guess is right, it fails
+            # before anything needs a savepoint), then the others.
             others = events[:blame] + events[blame + 1 :]
-            self._todo.extendleft([_Segment([events[blame]]), _Segment(others)])
+            self._todo.extendleft([_Segment(others), _Segment([events[blame]])])
         else:
             # The failing call is on record; the calls before it succeeded and run again (their
             # work was rolled back with it), then the calls after it.
@@ -349,8 +350,9 @@ class GroupExecutor:
         self._unit.freed = True
 
     async def _give_back_transient(self, segments: list[_Segment], error: BaseException) -> None:
-        """Not the events' fault: give them back with the attempt refunded, retried soon. The
-        failures already seen are recorded in the same transaction."""
+        """Not the events' fault: give them back, and whatever was still to run, with the
+        attempt refunded, retried soon. The failures already seen are recorded in the same
+        transaction."""
         segments = [*segments, *self._todo]
         self._todo.clear()
         failures, self._failures = self._failures, []
