@@ -71,7 +71,7 @@ class PoisonHandlers:
 
 BURST_BASE = 10**9  # burst keys: above the workload's, below the probes'
 MAX_ATTEMPTS = 3
-ROUNDS = max(5, round(3 * SCALE))  # poisoned bursts, each followed by a clean one
+ROUNDS = max(4, round(3 * SCALE))  # poisoned bursts, each followed by a clean one
 BURST_ROWS = 2400  # a few seconds' worth: shorter bursts are mostly start and tail
 POISON_FLOOR = 0.8  # throughput with 1 % poison over clean, below which the case fails
 
