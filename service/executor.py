@@ -332,9 +332,13 @@ class GroupExecutor:
 
     async def _abandon(self, session: AsyncSession, error: BaseException) -> None:
         """Roll the transaction back; throw the connection away if its state is unknown."""
-        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-            await session.close()
-            await self._conn.end_transaction()
+        with anyio.CancelScope(shield=True):
+            with contextlib.suppress(Exception):
+                await session.close()
+            try:
+                await self._conn.end_transaction()
+            except Exception:
+                error = ConnectionError("the rollback failed")  # its state is unknown too
         if connection_is_suspect(error):
             await self._conn.discard()
 

@@ -7,6 +7,7 @@ attempt) with one context variable, cheap enough to set around every handler cal
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -56,7 +57,10 @@ class Throttle:
 
 
 def _dumps(obj: object, default: object = None) -> str:
-    return orjson.dumps(obj, default=str).decode()
+    try:
+        return orjson.dumps(obj, default=str).decode()
+    except orjson.JSONEncodeError:  # e.g. a lone surrogate in a message: escape, don't fail
+        return json.dumps(obj, default=str)
 
 
 def configure_logging(

@@ -88,6 +88,13 @@ def decode_row(raw: str | None) -> dict[str, Any] | None:
 _BIND = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")
 
 
+def storable_text(text: str) -> str:
+    """``text`` as PostgreSQL can store it. An exception message may hold NUL (which text
+    columns refuse) or a lone surrogate (from ``surrogateescape`` decoding, which no driver can
+    encode): either made the failure's record fail in turn, and the event loop forever."""
+    return text.replace("\x00", "\\0").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class DriverStatement:
     """A statement that runs on the driver's own connection beneath SQLAlchemy, outside any
     transaction (so it commits by itself).
@@ -337,8 +344,7 @@ class Store:
         return {
             "id": delivery_id,
             "token": token,
-            # PostgreSQL text cannot hold NUL, and an exception message may.
-            "error": error[:MAX_ERROR_LENGTH].replace("\x00", "\\0"),
+            "error": storable_text(error[:MAX_ERROR_LENGTH]),
             "max": self.max_attempts,
             "rmax": self.retry_max,
             "rbase": self.retry_base,
