@@ -113,7 +113,9 @@ class HandlerCalls:
         )
         try:
             await self.handler.func(arg, session)
-            if session.new or session.dirty or session.deleted:
+            # Asked of the sync session: through the async proxy this check cost ~2.4 µs a call.
+            pending = session.sync_session
+            if pending.new or pending.deleted or pending.dirty:
                 await session.flush()
         finally:
             reset_handling(token)

@@ -275,12 +275,7 @@ class GroupExecutor:
         failures, self._failures = self._failures, []
         try:
             db = await session.connection()
-            recorded = [
-                await self._store.record_failure(
-                    db, c.delivery_id, self._unit.token, self._describe(e)
-                )
-                for c, e in failures
-            ]
+            recorded = await self._record_failures(db, failures)
             if ids:
                 acked = await self._store.ack(db, ids, self._unit.token)
                 if acked != len(ids):
@@ -313,6 +308,16 @@ class GroupExecutor:
             self._metrics.ok.inc(len(events))
             observe_many(self._metrics.lag, [max(0.0, now - c.created) for c in events])
             log.debug("handled", handler=self._handler.name, events=len(events))
+
+    async def _record_failures(
+        self, db: AsyncConnection, failures: list[tuple[Claimed, BaseException]]
+    ) -> list[tuple[bool, float] | None]:
+        """Put ``failures`` on record inside the transaction open on ``db``."""
+        token = self._unit.token
+        return [
+            await self._store.record_failure(db, c.delivery_id, token, self._describe(e))
+            for c, e in failures
+        ]
 
     async def _record_failures_alone(self) -> None:
         """Failures with nothing else to commit: one statement each, no transaction."""
@@ -364,10 +369,7 @@ class GroupExecutor:
         self._log_error("transient_error", self._handler.name, error)
         ids = _ids(segments)
         db = await self._conn.get()
-        recorded = [
-            await self._store.record_failure(db, c.delivery_id, self._unit.token, self._describe(e))
-            for c, e in failures
-        ]
+        recorded = await self._record_failures(db, failures)
         await self._store.fail_transient(db, ids, self._unit.token)  # commits
         self._unit.open_ids.difference_update(ids)
         self._report_failures(failures, recorded)
