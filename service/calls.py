@@ -7,17 +7,21 @@ the call in progress started), and the event's log fields in one context variabl
 
 When a call fails, the caller wants to know which event to blame: for ``on`` handlers it is the
 event of the failing call; for ``on_batch`` handlers it is a guess, the event the handler was
-iterating over when it raised (see :class:`WatchedEvents`), which the caller verifies.
+iterating over when it raised (see :class:`WatchedEvents`), which the caller verifies. And
+whether the failing call left the transaction as it found it (it sent no statement and left
+nothing pending in the session): then what the calls before it wrote still stands.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import anyio
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.db import statements_sent
 from service.events import Event
 from service.logging import handling, reset_handling
 from service.router import DurableHandler
@@ -53,16 +57,22 @@ class HandlerCalls:
 
     After :meth:`run` raises, :attr:`blame` is the index of the event to blame, when known: the
     event of the failing call of an ``on`` handler, or for an ``on_batch`` handler the event its
-    iteration stopped at. Writes the handler left pending in the session are flushed after each
-    call, so that their errors count against that call. A call that runs longer than
-    ``timeout`` seconds is cancelled and surfaces as :class:`TimeoutError`.
+    iteration stopped at; :attr:`untouched` says whether the failing call sent no statement on
+    the connection whose ``info`` dictionary is given (see ``service.db.count_statements``) and
+    left nothing pending in the session. Writes the handler left pending in the session are
+    flushed after each call, so that their errors count against that call. A call that runs
+    longer than ``timeout`` seconds is cancelled and surfaces as :class:`TimeoutError`.
     """
 
-    def __init__(self, handler: DurableHandler, timeout: float) -> None:
+    def __init__(
+        self, handler: DurableHandler, timeout: float, info: dict[Any, Any] | None = None
+    ) -> None:
         self.handler = handler
         self.timeout = timeout
         self.current = 0
         self.blame: int | None = None
+        self.untouched = False
+        self._info = info
         self.durations: list[float] = []
         self._started = 0.0
         self._expired = False
@@ -111,12 +121,22 @@ class HandlerCalls:
             if not self.handler.batch
             else {"handler": self.handler.name, "table": event.table}
         )
+        info = self._info
+        sent = -1 if info is None else statements_sent(info)
+        # Asked of the sync session: through the async proxy this check cost ~2.4 µs a call.
+        pending = session.sync_session
         try:
             await self.handler.func(arg, session)
-            # Asked of the sync session: through the async proxy this check cost ~2.4 µs a call.
-            pending = session.sync_session
             if pending.new or pending.deleted or pending.dirty:
                 await session.flush()
+        except BaseException:
+            self.untouched = (
+                info is not None
+                and statements_sent(info) == sent
+                and pending.is_active  # not left needing a rollback (a failed flush)
+                and not (pending.new or pending.deleted or pending.dirty)
+            )
+            raise
         finally:
             reset_handling(token)
             self.durations.append(self._loop.time() - started)

@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.db import note_statement_sent
 from service.router import TableName
 from service.sql import qualified, quote_ident
 
@@ -34,6 +35,7 @@ async def copy_rows(
     connection = await session.connection()
     raw = await connection.get_raw_connection()
     driver: Any = raw.driver_connection
+    note_statement_sent(connection)  # a handler failing after this has written something
     if type(driver).__module__.startswith("asyncpg"):
         if not driver.is_in_transaction():
             # SQLAlchemy's asyncpg adapter sends BEGIN lazily, with the first statement; a COPY

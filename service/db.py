@@ -11,7 +11,7 @@ from typing import Any
 
 import sqlalchemy.exc
 from sqlalchemy import event, text
-from sqlalchemy.engine import ExceptionContext, make_url
+from sqlalchemy.engine import Connection, ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from service.settings import Settings
@@ -238,6 +238,41 @@ def create_write_engine(settings: Settings, *, application_name: str | None = No
 
         event.listen(engine.sync_engine, "connect", keepalives)
     return engine
+
+
+# Statements sent on a connection, counted in its ``info``: a failing handler call that sent none
+# left its transaction as it found it, so the calls before it need not run again (see the
+# executor). Counted where SQLAlchemy sends them, and by ``copy_rows`` for its COPY.
+_STATEMENTS_SENT = "pgreact_statements_sent"
+
+
+def count_statements(engine: AsyncEngine) -> None:
+    """Count the statements sent on each of ``engine``'s connections (idempotent)."""
+    if not event.contains(engine.sync_engine, "before_cursor_execute", _count_statement):
+        event.listen(engine.sync_engine, "before_cursor_execute", _count_statement)
+
+
+def _count_statement(
+    conn: Connection,
+    _cursor: object,
+    _statement: str,
+    _parameters: object,
+    _context: object,
+    _executemany: bool,
+) -> None:
+    info = conn.info
+    info[_STATEMENTS_SENT] = info.get(_STATEMENTS_SENT, 0) + 1
+
+
+def note_statement_sent(conn: AsyncConnection) -> None:
+    """Count a statement sent on the driver's own connection, beneath SQLAlchemy."""
+    info = conn.info
+    info[_STATEMENTS_SENT] = info.get(_STATEMENTS_SENT, 0) + 1
+
+
+def statements_sent(info: dict[Any, Any]) -> int:
+    """How many statements were sent on the connection whose ``info`` this is."""
+    return int(info.get(_STATEMENTS_SENT, 0))
 
 
 # A pooled connection that was in use this recently is known to work. SQLAlchemy's own pre-ping

@@ -8,7 +8,8 @@ that transaction: the handler's writes and the ack commit together or not at all
 
 Running a claimed group through its handler, and isolating the events that fail without
 giving up the rest, is the executor's job (``service/executor.py``). Events that failed before
-run alone, so a poison event costs one batch re-run, not ten.
+run alone, so a poison event costs one batch re-run, not ten; crash suspects (events whose
+process died) run one per process at a time, so a crash is charged to nothing else.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import structlog
 from anyio.abc import TaskStatus
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from service.db import discard_after_driver_error
+from service.db import count_statements, discard_after_driver_error
 from service.executor import (
     TRACEBACK_INTERVAL,
     ExecutionContext,
@@ -80,6 +81,7 @@ class Dispatcher:
         config: DispatchConfig,
     ) -> None:
         self._engine = engine
+        count_statements(engine)  # tells a failing call that wrote nothing (the executor)
         self._store = store
         self._handlers = list(handlers)
         self._metrics = metrics
@@ -291,7 +293,7 @@ class Dispatcher:
         which cost the server more than the claims themselves."""
         handler = unit.handler
         async with self._claiming[handler.name]:
-            # At most one suspect (an event that failed or was abandoned before) in flight per
+            # At most one crash suspect (an event whose process died before) in flight per
             # process: if it kills the process, nothing else is blamed.
             take_suspect = not self._suspect_inflight
             self._suspect_inflight = True
@@ -310,7 +312,7 @@ class Dispatcher:
                 if isinstance(exc, Exception):
                     await discard_after_driver_error(conn, exc)
                 raise
-        unit.holds_suspect = take_suspect and any(c.failed_before for c in claimed)
+        unit.holds_suspect = take_suspect and any(c.crashed for c in claimed)
         if take_suspect and not unit.holds_suspect:
             self._release_suspect_slot()
         return claimed
@@ -318,18 +320,21 @@ class Dispatcher:
     async def _work(self, conn: PooledConnection, unit: Unit, claimed: list[Claimed]) -> None:
         handler = unit.handler
         executor = GroupExecutor(conn, unit, self._contexts[handler.name])
-        # A suspect (an event that failed or was abandoned before) runs first and alone: if it
-        # kills the process, nothing else is blamed for it. Once it is settled, the process may
-        # take the next one, while this unit goes on with the fresh events.
-        for suspect in (c for c in claimed if c.failed_before):
-            await executor.run([suspect])
+        # A crash suspect runs first, alone and committed alone: if it kills the process, nothing
+        # else is blamed for it. Once it is settled, the process may take the next one, while
+        # this unit goes on with the others.
+        for suspect in (c for c in claimed if c.crashed):
+            await executor.run([], alone=[suspect])
         if unit.holds_suspect:
             unit.holds_suspect = False
             self._release_suspect_slot()
+        # Events whose handler raised before run alone too, at the head of the first group's
+        # transaction: failing again, they cost a rollback of nothing else.
+        retries = [c for c in claimed if c.failed_before and not c.crashed]
         fresh = [c for c in claimed if not c.failed_before]
         size = handler.max_size if handler.batch else max(1, len(fresh))
-        for start in range(0, len(fresh), size):
-            await executor.run(fresh[start : start + size])
+        for start in range(0, max(1, len(fresh)), size):
+            await executor.run(fresh[start : start + size], alone=retries if start == 0 else [])
 
     async def _give_back(self, unit: Unit, reason: BaseException | str) -> None:
         """After an unexpected failure or cancellation, return what the unit still holds (best

@@ -2,24 +2,28 @@
 
 The fast path is one transaction: the handler's calls, the ack, one commit. When a call fails,
 the failing event is put on record and the others go on, in the same transaction where
-possible: once some of a transaction's work has succeeded, each further part (a *segment*: one
-batch call, or a run of ``on`` calls) runs under a savepoint, so that a failing segment is
-rolled back alone. The failures are recorded and the other events acked in one commit. A
-transaction's first segment needs no savepoint: if it fails, there is nothing to keep, and the
-transaction starts again without it.
+possible. The failures are recorded and the other events acked in one commit.
+
+A call that fails without having sent a statement (a handler that refuses its event before
+writing: the usual poison) leaves the transaction as it found it: nothing is rolled back, and
+the calls before it keep what they wrote. A call that fails after writing spoils what shares its
+transaction: from then on, once some of a transaction's work has succeeded, each further part
+(a *segment*: one batch call, or a run of ``on`` calls) runs under a savepoint, so that a
+failing segment is rolled back alone. A transaction's first segment needs no savepoint: if it
+fails, there is nothing to keep, and the transaction starts again without it.
 
 Which events to blame:
-- ``on`` handlers: the event of the failing call. The calls before it (their writes went with
-  it) and the calls after it run as two segments.
+- ``on`` handlers: the event of the failing call. The calls after it run as a segment, and so
+  do the calls before it, again, if their writes went with it.
 - ``on_batch`` handlers: if the handler's iteration over its events stopped early, the event it
   stopped at is run apart from the others; otherwise the batch is split in halves, and again,
   until the failing events are alone.
 - if the commit itself fails (a deferred constraint, say), no segment can be blamed: each then
   runs in a transaction of its own.
 
-Savepoints are not used on the fast path: SAVEPOINT and RELEASE are two more round trips, which
-per call, or even per sixteen calls of a cheap ``on`` handler, cost more than re-running the
-calls before a rare failure.
+Savepoints are not used on the fast path, nor after failures that wrote nothing: SAVEPOINT and
+RELEASE are two more round trips, which per call, or even per sixteen calls of a cheap ``on``
+handler, cost more than re-running the calls before a rare failure.
 
 A transient error (lost connection, serialization failure, …) gives the whole group back with
 its attempts refunded, as does anything the unit cannot finish (see the dispatcher).
@@ -31,8 +35,9 @@ import contextlib
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import structlog
@@ -136,6 +141,7 @@ class _Failure:
     error: BaseException
     blame: int | None  # index into the segment's events, when known
     lost: bool  # the transaction is gone (no savepoint to return to, or a broken connection)
+    kept: int = 0  # leading events of the segment whose calls succeeded and whose writes stand
 
 
 def _halves(events: list[Claimed]) -> list[_Segment]:
@@ -174,12 +180,17 @@ class GroupExecutor:
         self._log_error = context.log_error
         self._tracebacks = context.tracebacks
         self._separate = False  # a transaction per segment (after a COMMIT failed)
+        self._savepoints = False  # a segment under a savepoint (after a failure that wrote)
         self._todo: deque[_Segment] = deque()
         self._failures: list[tuple[Claimed, BaseException]] = []
 
-    async def run(self, group: list[Claimed]) -> None:
-        self._separate = False
-        self._todo.append(_Segment(group))
+    async def run(self, group: list[Claimed], alone: Sequence[Claimed] = ()) -> None:
+        """Run ``group`` through the handler, after each event of ``alone`` on its own (events
+        that failed before: run first, a failing one needs no savepoint)."""
+        self._separate = self._savepoints = False
+        self._todo.extend(_Segment([c]) for c in alone)
+        if group:
+            self._todo.append(_Segment(group))
         while self._todo or self._failures:
             await self._transaction()
 
@@ -201,7 +212,9 @@ class GroupExecutor:
                     # would only fail again. Split it straight away.
                     self._todo.extendleft(reversed(_halves(segment.events)))
                     continue
-                failure = await self._run_segment(session, segment, savepoint=bool(done))
+                failure = await self._run_segment(
+                    session, db.info, segment, savepoint=bool(done) and self._savepoints
+                )
                 if failure is None:
                     done.append(segment)
                     if segment.sibling is not None:
@@ -213,6 +226,8 @@ class GroupExecutor:
                     await self._abandon(session, failure.error)
                     await self._give_back_transient([*done, segment], failure.error)
                     return
+                if failure.kept:
+                    done.append(_Segment(segment.events[: failure.kept]))
                 self._isolate(segment, failure)
                 if failure.lost:
                     # What ran in this transaction is undone: run it again in the next one.
@@ -225,9 +240,9 @@ class GroupExecutor:
                 await session.close()
 
     async def _run_segment(
-        self, session: AsyncSession, segment: _Segment, *, savepoint: bool
+        self, session: AsyncSession, info: dict[Any, Any], segment: _Segment, *, savepoint: bool
     ) -> _Failure | None:
-        calls = HandlerCalls(self._handler, self._timeout)
+        calls = HandlerCalls(self._handler, self._timeout, info)
         nested = await session.begin_nested() if savepoint else None
         try:
             await calls.run([c.event for c in segment.events], session)
@@ -235,6 +250,17 @@ class GroupExecutor:
                 await nested.commit()  # RELEASE SAVEPOINT
             return None
         except Exception as exc:
+            if calls.untouched and not connection_is_suspect(exc):
+                # The failing call sent nothing: the transaction stands, and for an ``on``
+                # handler so do the writes of the calls before it.
+                kept = 0 if self._handler.batch else calls.blame or 0
+                try:
+                    if nested is not None:
+                        await nested.commit()
+                    return _Failure(exc, calls.blame, lost=False, kept=kept)
+                except Exception:
+                    return _Failure(exc, calls.blame, lost=True)
+            self._savepoints = True
             lost = nested is None or connection_is_suspect(exc)
             if not lost and nested is not None:
                 try:
@@ -260,10 +286,10 @@ class GroupExecutor:
             others = events[:blame] + events[blame + 1 :]
             self._todo.extendleft([_Segment(others), _Segment([events[blame]])])
         else:
-            # The failing call is on record; the calls before it succeeded and run again (their
-            # work was rolled back with it), then the calls after it.
+            # The failing call is on record; the calls before it succeeded and, unless their
+            # writes stand (kept), run again, then the calls after it.
             self._failures.append((events[blame], failure.error))
-            parts = (events[:blame], events[blame + 1 :])
+            parts = (events[failure.kept : blame], events[blame + 1 :])
             self._todo.extendleft(reversed([_Segment(part) for part in parts if part]))
 
     # -- the end of a transaction ---------------------------------------------------------

@@ -6,11 +6,16 @@ Life of a delivery (one row of ``queue``: one change for one handler)::
                       │
                       ├─fail──▶ live again, run_at = now() + back-off   (attempts < max)
                       ├─fail──▶ dead                                    (attempts >= max)
-                      └─owner died / lease expired──reap──▶ live again (the attempt counts)
+                      └─owner died / lease expired──reap──▶ live again, a crash suspect
 
 A claim is committed on its own before the handler runs, so an attempt that kills the process
 still counts and a crash loop ends in the dead-letter state. Every later write is fenced by
 ``claim_token``: a process whose claim was taken over cannot ack or fail it.
+
+Two kinds of retry: a delivery whose handler raised (``last_error`` set) is claimed like any
+other and run alone in its unit; a *crash suspect* (``crashed``: its process died while handling
+it) is claimed at most one per claim, and the dispatcher keeps at most one in flight per
+process, so that when a suspect kills the process again, nothing else is charged for it.
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ class Claimed:
 
     delivery_id: int
     event: Event
-    failed_before: bool
+    failed_before: bool  # its handler raised, or its process died, on an earlier attempt
+    crashed: bool  # its process died on an earlier attempt (a crash suspect)
     created: float  # event.created_at as a Unix timestamp, for the lag metric
 
 
@@ -164,9 +170,9 @@ class Store:
         no_flush = "AND (SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL"
         # Head of line: a delivery is claimable only when no earlier live delivery of the same
         # key exists for the handler — leased elsewhere, waiting for a retry, or not yet run.
-        # Deliveries that failed or were abandoned before ("suspects") come at most one per
-        # claim, and the dispatcher keeps at most one in flight per process: if a suspect kills
-        # the process, no other suspect is charged for it (see the reaper).
+        # Crash suspects come at most one per claim, and the dispatcher keeps at most one in
+        # flight per process: if a suspect kills the process, no other suspect is charged for
+        # it (see the reaper).
         ready = f"""
                 q.handler = :handler AND q.dead_at IS NULL AND q.lease_until IS NULL
                 AND q.run_at <= now()
@@ -177,12 +183,12 @@ class Store:
         self._claim = DriverStatement(f"""
             WITH fresh AS (
                 SELECT q.id FROM {q} q
-                WHERE {ready} AND q.last_error IS NULL
+                WHERE {ready} AND NOT q.crashed
                 ORDER BY q.id LIMIT :limit
                 FOR UPDATE SKIP LOCKED
             ), suspect AS (
                 SELECT q.id FROM {q} q
-                WHERE {ready} AND q.last_error IS NOT NULL
+                WHERE {ready} AND q.crashed
                 ORDER BY q.id LIMIT :suspects
                 FOR UPDATE SKIP LOCKED
             )
@@ -196,7 +202,7 @@ class Store:
               {no_flush}
             RETURNING q.id, q.change_id, q.table_name, q.op, q.row_key,
                       q.new_row::text, q.old_row::text, q.created_at, q.attempts,
-                      q.last_error IS NOT NULL
+                      q.last_error IS NOT NULL, q.crashed
         """)
         self._ack = text(
             f"DELETE FROM {q} WHERE id = ANY(CAST(:ids AS bigint[])) AND claim_token = :token"
@@ -222,7 +228,7 @@ class Store:
 
         # A transient failure (connection lost, serialization failure, …) is not the event's
         # fault: the attempt is given back, the retry comes soon, and last_error is left alone
-        # (it marks suspects; the failure is logged and counted instead).
+        # (the failure is logged and counted instead).
         self._fail_transient = text(f"""
             UPDATE {q}
             SET owner = NULL, claim_token = NULL, lease_until = NULL,
@@ -239,20 +245,21 @@ class Store:
         # Claims whose owner is gone (no presence lock), whose lease ran out, or that this
         # process itself no longer works on (e.g. lost with a connection) go back to the queue.
         # Who pays for a crash: a process that dies had a whole batch in flight, and only one
-        # event (if any) killed it. A delivery that had never failed is refunded and marked, so
-        # its next run is isolated (one per transaction); a delivery that was already isolated
-        # when its process died is charged the attempt — so a crash loop still ends in the
-        # dead-letter state, one crash later than a plain failure would.
+        # event (if any) killed it. A delivery that was not yet a crash suspect is refunded and
+        # becomes one, so its next run is isolated (one suspect in flight per process); a crash
+        # suspect whose process died again is charged the attempt — so a crash loop still ends
+        # in the dead-letter state, one crash later than a plain failure would.
         self._reap = text(f"""
             UPDATE {q} q
             SET owner = NULL, claim_token = NULL, lease_until = NULL,
                 attempts = q.attempts - CASE
-                    WHEN q.owner <> :me AND q.last_error IS NOT NULL THEN 0 ELSE 1 END,
+                    WHEN q.owner <> :me AND q.crashed THEN 0 ELSE 1 END,
+                crashed = q.crashed OR q.owner <> :me,
                 last_error = CASE WHEN q.owner = :me THEN q.last_error
                     ELSE 'claim abandoned: the process handling attempt ' || q.attempts
                          || ' stopped without finishing it' END,
                 failed_at = CASE WHEN q.owner = :me THEN q.failed_at ELSE now() END,
-                dead_at = CASE WHEN q.owner <> :me AND q.last_error IS NOT NULL
+                dead_at = CASE WHEN q.owner <> :me AND q.crashed
                                     AND q.attempts >= :max THEN now() END
             WHERE q.lease_until IS NOT NULL AND q.dead_at IS NULL
               AND (q.lease_until < now()
@@ -286,8 +293,8 @@ class Store:
     async def claim(
         self, conn: AsyncConnection, handler: str, limit: int, token: int, suspects: int = 1
     ) -> list[Claimed]:
-        """Lease up to ``limit`` fresh deliveries and up to ``suspects`` that failed before, and
-        commit, so the attempt is on record.
+        """Lease up to ``limit`` deliveries and up to ``suspects`` crash suspects, and commit, so
+        the attempt is on record.
 
         One statement in autocommit mode (no BEGIN/COMMIT round trips), committed
         asynchronously: if the server crashed before that commit reached the disk, the claim
@@ -312,7 +319,7 @@ class Store:
             created_at = r[7].astimezone(UTC)  # psycopg answers in the session's time zone
             new, old = decode_row(r[5]), decode_row(r[6])
             event = Event(r[1], r[2], r[3], r[4], new, old, created_at, r[8])
-            claimed.append(Claimed(r[0], event, bool(r[9]), created_at.timestamp()))
+            claimed.append(Claimed(r[0], event, bool(r[9]), bool(r[10]), created_at.timestamp()))
         claimed.sort(key=lambda c: c.delivery_id)
         return claimed
 
@@ -434,7 +441,7 @@ class Store:
         result = await conn.execute(
             text(f"""
                 UPDATE {self._q}
-                SET dead_at = NULL, attempts = 0, run_at = now()
+                SET dead_at = NULL, attempts = 0, run_at = now(), crashed = false
                 WHERE dead_at IS NOT NULL
                   AND (CAST(:all AS boolean) OR id = ANY(CAST(:ids AS bigint[])))
             """),

@@ -10,8 +10,9 @@ import pytest
 import structlog.testing
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from service import Event, Router
+from service import Event, Router, copy_rows
 from tests.handlers.common import EFFECT, effect_row
 from tests.support import (
     create_tables,
@@ -44,8 +45,34 @@ def dead_keys(pg_dsn: str) -> list[str]:
     return [r[0] for r in rows]
 
 
-async def test_on_handler_reruns_only_the_calls_before_the_failing_one(
-    pg_dsn: str, sa_url: str
+class Base(DeclarativeBase):
+    pass
+
+
+class EffectRow(Base):
+    """The effects table, mapped: for a handler that writes through the ORM."""
+
+    __tablename__ = "effects"
+    seq: Mapped[int] = mapped_column(primary_key=True)
+    handler: Mapped[str]
+    event_id: Mapped[int]
+    k: Mapped[str | None]
+
+
+async def write_effect(how: str, event: Event, session: AsyncSession) -> None:
+    if how == "statement":
+        await session.execute(EFFECT, effect_row("one", event))
+    elif how == "pending":  # added, not flushed: the next flush would write it
+        session.add(EffectRow(handler="one", event_id=event.id, k=event.key))
+    elif how == "copy":
+        await copy_rows(
+            session, "public.effects", ["handler", "event_id", "k"], [("one", event.id, event.key)]
+        )
+
+
+@pytest.mark.parametrize("wrote", ["nothing", "statement", "pending", "copy"])
+async def test_on_handler_reruns_the_calls_before_a_failing_one_only_if_it_wrote(
+    pg_dsn: str, sa_url: str, wrote: str
 ) -> None:
     create_tables(pg_dsn)
     router = Router()
@@ -55,14 +82,52 @@ async def test_on_handler_reruns_only_the_calls_before_the_failing_one(
     async def one(event: Event, session: AsyncSession) -> None:
         calls.append(int(event.key or 0))
         if event.key == "3":
+            await write_effect(wrote, event, session)
             raise RuntimeError("3 is poison")
         await session.execute(EFFECT, effect_row("one", event))
 
     await run_until_settled(pg_dsn, sa_url, router, 8)
-    # 1-3 (fails), then with savepoints: 1-2 again (their writes went with 3's), 4-8.
-    assert calls == [1, 2, 3, 1, 2, 4, 5, 6, 7, 8]
+    if wrote == "nothing":
+        # The transaction is as 3 found it: 1 and 2 keep their writes, 4-8 go on.
+        assert calls == [1, 2, 3, 4, 5, 6, 7, 8]
+    else:
+        # 3's write went with 1's and 2's: they run again, then 4-8.
+        assert calls == [1, 2, 3, 1, 2, 4, 5, 6, 7, 8]
     assert effect_counts(pg_dsn) == (7, 7)
+    assert sql(pg_dsn, "SELECT count(*) FROM effects WHERE k = '3'") == [(0,)]
     assert dead_keys(pg_dsn) == ["3"]
+
+
+async def test_retries_run_alone_first_and_a_crash_suspect_before_them(
+    pg_dsn: str, sa_url: str
+) -> None:
+    create_tables(pg_dsn)
+    router = Router()
+    calls: list[int] = []
+
+    @router.on("source", name="one")
+    async def one(event: Event, session: AsyncSession) -> None:
+        calls.append(int(event.key or 0))
+        if event.key == "5":
+            raise RuntimeError("5 is still poison")
+        await session.execute(EFFECT, effect_row("one", event))
+
+    await install(sa_url, router)
+    sql(pg_dsn, "INSERT INTO source SELECT g, g FROM generate_series(1, 8) g")
+    # 5 raised on its first attempt; 7's process died while handling it.
+    sql(pg_dsn, "UPDATE pgreact.queue SET attempts = 1, last_error = 'boom' WHERE row_key = '5'")
+    sql(
+        pg_dsn,
+        "UPDATE pgreact.queue SET attempts = 1, crashed = true, last_error = 'claim abandoned' "
+        "WHERE row_key = '7'",
+    )
+    async with running(make_settings(sa_url, max_attempts=2), router):
+        await wait_until(lambda: queue_state(pg_dsn)["live"] == 0, message="all settled")
+    # One claim took all eight: the crash suspect alone and committed alone, then the retry
+    # alone (failing, it rolls back nothing else), then the others.
+    assert calls == [7, 5, 1, 2, 3, 4, 6, 8]
+    assert effect_counts(pg_dsn) == (7, 7)
+    assert dead_keys(pg_dsn) == ["5"]
 
 
 async def test_batch_handler_gets_the_event_its_iteration_stopped_at_blamed(

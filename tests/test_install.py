@@ -157,6 +157,32 @@ async def test_install_twice_changes_nothing(pg_dsn: str, sa_url: str) -> None:
     assert rows == [("batch", "1"), ("other-keyed", "1"), ("single", "1")]
 
 
+async def test_upgrade_from_version_2_keeps_the_queue_and_marks_crash_suspects(
+    pg_dsn: str, sa_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    create_tables(pg_dsn)
+    version_2 = [m for m in installer.migration_files() if m[0] <= 2]
+    monkeypatch.setattr(installer, "migration_files", lambda: version_2)
+    assert (await install(sa_url, effects_router)).to_version == 2
+    sql(pg_dsn, "INSERT INTO source SELECT g, g FROM generate_series(1, 3) g")
+    # Version 2 marked both kinds of retry by last_error alone.
+    sql(pg_dsn, "UPDATE pgreact.queue SET last_error = 'ValueError: bad' WHERE row_key = '1'")
+    sql(
+        pg_dsn,
+        "UPDATE pgreact.queue SET last_error = 'claim abandoned: the process handling attempt 1 "
+        "stopped without finishing it' WHERE row_key = '2'",
+    )
+    monkeypatch.undo()
+
+    upgrade = await install(sa_url, effects_router)
+    assert (upgrade.from_version, upgrade.to_version) == (2, installer.latest_version())
+    rows = sql(pg_dsn, "SELECT row_key, crashed FROM pgreact.queue ORDER BY handler, row_key")
+    assert rows == [("1", False), ("2", True), ("3", False)] * 2  # per handler
+    indexes = sql(pg_dsn, "SELECT indexname FROM pg_indexes WHERE schemaname = 'pgreact'")
+    assert {"queue_crashed"} <= {r[0] for r in indexes}
+    assert "queue_suspect" not in {r[0] for r in indexes}
+
+
 async def test_concurrent_installs_serialise(pg_dsn: str, sa_url: str) -> None:
     create_tables(pg_dsn)
     results: list[installer.InstallPlan] = []
