@@ -122,7 +122,7 @@ class HandlerCalls:
             else {"handler": self.handler.name, "table": event.table}
         )
         info = self._info
-        sent = -1 if info is None else statements_sent(info)
+        sent = None if info is None else statements_sent(info)
         # Asked of the sync session: through the async proxy this check cost ~2.4 µs a call.
         pending = session.sync_session
         try:
@@ -131,7 +131,8 @@ class HandlerCalls:
                 await session.flush()
         except BaseException:
             self.untouched = (
-                info is not None
+                sent is not None
+                and info is not None
                 and statements_sent(info) == sent
                 and pending.is_active  # not left needing a rollback (a failed flush)
                 and not (pending.new or pending.deleted or pending.dirty)

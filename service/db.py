@@ -270,9 +270,10 @@ def note_statement_sent(conn: AsyncConnection) -> None:
     info[_STATEMENTS_SENT] = info.get(_STATEMENTS_SENT, 0) + 1
 
 
-def statements_sent(info: dict[Any, Any]) -> int:
-    """How many statements were sent on the connection whose ``info`` this is."""
-    return int(info.get(_STATEMENTS_SENT, 0))
+def statements_sent(info: dict[Any, Any]) -> int | None:
+    """How many statements were sent on the connection whose ``info`` this is; None before the
+    first one counted (or if its engine does not count), when nothing can be concluded."""
+    return info.get(_STATEMENTS_SENT)
 
 
 # A pooled connection that was in use this recently is known to work. SQLAlchemy's own pre-ping

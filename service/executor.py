@@ -234,6 +234,8 @@ class GroupExecutor:
                     self._todo.extendleft(reversed(done))
                     await self._abandon(session, failure.error)
                     return
+                if self._separate and done:
+                    break
             await self._commit(session, txn, done)
         finally:
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
@@ -301,11 +303,9 @@ class GroupExecutor:
         failures, self._failures = self._failures, []
         try:
             db = await session.connection()
-            recorded = await self._record_failures(db, failures)
-            if ids:
-                acked = await self._store.ack(db, ids, self._unit.token)
-                if acked != len(ids):
-                    raise LeaseLost(f"{len(ids) - acked} of {len(ids)} events were taken over")
+            acked, recorded = await self._settle(db, ids, failures)
+            if acked != len(ids):
+                raise LeaseLost(f"{len(ids) - acked} of {len(ids)} events were taken over")
             await txn.commit()
         except LeaseLost as exc:
             await self._lease_lost(session, ids + [c.delivery_id for c, _ in failures], exc)
@@ -335,15 +335,14 @@ class GroupExecutor:
             observe_many(self._metrics.lag, [max(0.0, now - c.created) for c in events])
             log.debug("handled", handler=self._handler.name, events=len(events))
 
-    async def _record_failures(
-        self, db: AsyncConnection, failures: list[tuple[Claimed, BaseException]]
-    ) -> list[tuple[bool, float] | None]:
-        """Put ``failures`` on record inside the transaction open on ``db``."""
-        token = self._unit.token
-        return [
-            await self._store.record_failure(db, c.delivery_id, token, self._describe(e))
-            for c, e in failures
-        ]
+    async def _settle(
+        self, db: AsyncConnection, ids: list[int], failures: list[tuple[Claimed, BaseException]]
+    ) -> tuple[int, list[tuple[bool, float] | None]]:
+        """Ack ``ids`` and put ``failures`` on record inside the transaction open on ``db``:
+        how many acks were ours, and per failure its outcome (None: no longer ours)."""
+        failed = [(c.delivery_id, self._describe(e)) for c, e in failures]
+        acked, recorded = await self._store.settle(db, ids, failed, self._unit.token)
+        return acked, [recorded.get(c.delivery_id) for c, _ in failures]
 
     async def _record_failures_alone(self) -> None:
         """Failures with nothing else to commit: one statement each, no transaction."""
@@ -395,7 +394,7 @@ class GroupExecutor:
         self._log_error("transient_error", self._handler.name, error)
         ids = _ids(segments)
         db = await self._conn.get()
-        recorded = await self._record_failures(db, failures)
+        _, recorded = await self._settle(db, [], failures) if failures else (0, [])
         await self._store.fail_transient(db, ids, self._unit.token)  # commits
         self._unit.open_ids.difference_update(ids)
         self._report_failures(failures, recorded)

@@ -67,7 +67,9 @@ async def test_a_retry_after_a_raise_rides_the_normal_claim(
     claimed = await first.claim(conn, "h", 10, token=1, suspects=0)
     assert [c.event.key for c in claimed] == ["1", "2", "3"]
     assert await first.record_failure_alone(conn, claimed[1].delivery_id, 1, "ValueError: 2")
-    await first.ack(conn, [claimed[0].delivery_id, claimed[2].delivery_id], token=1)
+    await conn.begin()
+    acked = [claimed[0].delivery_id, claimed[2].delivery_id]
+    assert await first.settle(conn, acked, [], token=1) == (2, {})
     await conn.commit()
 
     # No crash-suspect slot is needed for it: the claim that takes no suspect takes it.
