@@ -66,7 +66,8 @@ def is_transient(exc: BaseException) -> bool:
         return code[:2] in TRANSIENT_CLASSES or code in TRANSIENT_CODES
     if isinstance(exc, sqlalchemy.exc.InterfaceError | sqlalchemy.exc.OperationalError):
         return True
-    return isinstance(exc, ConnectionError | OSError)
+    # A raw driver error from a statement run beneath SQLAlchemy ("connection lost"), or the OS.
+    return driver_disconnect(exc)
 
 
 def connection_is_suspect(exc: BaseException) -> bool:

@@ -161,12 +161,16 @@ class Dispatcher:
         """Wake ``handler`` when a retry falls due, instead of waiting for the next sweep."""
         heapq.heappush(self._retry_due[handler], time.monotonic() + delay)
 
-    def _release_suspect_slot(self) -> None:
+    def _release_suspect_slot(self, *, held: bool = True) -> None:
+        """Free the crash-suspect slot. If a suspect ``held`` it, crash suspects exist: the
+        handlers whose claims went without one meanwhile try again. (A claim that merely found
+        none rings nobody: that would cost every claim made beside it a second one, and a
+        suspect that waits for its handler's next claim or sweep has waited for a reaper.)"""
         self._suspect_inflight = False
-        # Claims that went without suspects while the slot was taken: let them try again.
         denied, self._suspect_denied = self._suspect_denied, set()
-        for name in denied:
-            self._wakeups[name].ring()
+        if held:
+            for name in denied:
+                self._wakeups[name].ring()
 
     # -- idle: re-arm the doorbell ----------------------------------------------------------
 
@@ -314,7 +318,7 @@ class Dispatcher:
                 raise
         unit.holds_suspect = take_suspect and any(c.crashed for c in claimed)
         if take_suspect and not unit.holds_suspect:
-            self._release_suspect_slot()
+            self._release_suspect_slot(held=False)
         return claimed
 
     async def _work(self, conn: PooledConnection, unit: Unit, claimed: list[Claimed]) -> None:

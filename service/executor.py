@@ -341,7 +341,13 @@ class GroupExecutor:
         """Ack ``ids`` and put ``failures`` on record inside the transaction open on ``db``:
         how many acks were ours, and per failure its outcome (None: no longer ours)."""
         failed = [(c.delivery_id, self._describe(e)) for c, e in failures]
-        acked, recorded = await self._store.settle(db, ids, failed, self._unit.token)
+        try:
+            acked, recorded = await self._store.settle(db, ids, failed, self._unit.token)
+        except Exception as exc:
+            # Run beneath SQLAlchemy, which did not see the error: the connection goes.
+            await discard_after_driver_error(db, exc)
+            await self._conn.discard()
+            raise
         return acked, [recorded.get(c.delivery_id) for c, _ in failures]
 
     async def _record_failures_alone(self) -> None:
