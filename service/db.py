@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 import sqlalchemy.exc
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, ExceptionContext, make_url
@@ -66,8 +67,7 @@ def is_transient(exc: BaseException) -> bool:
         return code[:2] in TRANSIENT_CLASSES or code in TRANSIENT_CODES
     if isinstance(exc, sqlalchemy.exc.InterfaceError | sqlalchemy.exc.OperationalError):
         return True
-    # A raw driver error from a statement run beneath SQLAlchemy ("connection lost"), or the OS.
-    return driver_disconnect(exc)
+    return isinstance(exc, ConnectionError | OSError)
 
 
 def connection_is_suspect(exc: BaseException) -> bool:
@@ -275,6 +275,15 @@ def statements_sent(info: dict[Any, Any]) -> int | None:
     """How many statements were sent on the connection whose ``info`` this is; None before the
     first one counted (or if its engine does not count), when nothing can be concluded."""
     return info.get(_STATEMENTS_SENT)
+
+
+async def driver_in_transaction(conn: AsyncConnection) -> bool:
+    """Whether the driver's connection beneath ``conn`` is inside a transaction block."""
+    raw = await conn.get_raw_connection()
+    driver: Any = raw.driver_connection
+    if conn.dialect.driver == "asyncpg":
+        return bool(driver.is_in_transaction())
+    return bool(driver.info.transaction_status != psycopg.pq.TransactionStatus.IDLE)
 
 
 # A pooled connection that was in use this recently is known to work. SQLAlchemy's own pre-ping

@@ -161,16 +161,12 @@ class Dispatcher:
         """Wake ``handler`` when a retry falls due, instead of waiting for the next sweep."""
         heapq.heappush(self._retry_due[handler], time.monotonic() + delay)
 
-    def _release_suspect_slot(self, *, held: bool = True) -> None:
-        """Free the crash-suspect slot. If a suspect ``held`` it, crash suspects exist: the
-        handlers whose claims went without one meanwhile try again. (A claim that merely found
-        none rings nobody: that would cost every claim made beside it a second one, and a
-        suspect that waits for its handler's next claim or sweep has waited for a reaper.)"""
+    def _release_suspect_slot(self) -> None:
         self._suspect_inflight = False
+        # Claims that went without crash suspects while the slot was taken: let them try again.
         denied, self._suspect_denied = self._suspect_denied, set()
-        if held:
-            for name in denied:
-                self._wakeups[name].ring()
+        for name in denied:
+            self._wakeups[name].ring()
 
     # -- idle: re-arm the doorbell ----------------------------------------------------------
 
@@ -318,7 +314,7 @@ class Dispatcher:
                 raise
         unit.holds_suspect = take_suspect and any(c.crashed for c in claimed)
         if take_suspect and not unit.holds_suspect:
-            self._release_suspect_slot(held=False)
+            self._release_suspect_slot()
         return claimed
 
     async def _work(self, conn: PooledConnection, unit: Unit, claimed: list[Claimed]) -> None:
@@ -333,7 +329,8 @@ class Dispatcher:
             unit.holds_suspect = False
             self._release_suspect_slot()
         # Events whose handler raised before run alone too, at the head of the first group's
-        # transaction: failing again, they cost a rollback of nothing else.
+        # transaction: one that fails again before writing costs nothing else; one that fails
+        # after writing takes only the retries before it back (they run again).
         retries = [c for c in claimed if c.failed_before and not c.crashed]
         fresh = [c for c in claimed if not c.failed_before]
         size = handler.max_size if handler.batch else max(1, len(fresh))

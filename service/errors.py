@@ -8,7 +8,7 @@ user can act on. Driver errors are translated at the boundary with ``raise ... f
     ├── HandlerLoadError       a handler module fails to import or defines no ``router`` (exit 2)
     ├── RouterError            invalid handler registration (duplicate name, bad table, bad ops)
     ├── SchemaError            pgreact's schema is missing, too old, or a table cannot be captured
-    ├── HandlerMisuse          a handler did what only pgreact may (commit, roll back)
+    ├── HandlerMisuse          a handler did what only pgreact may (commit, roll back, close)
     ├── DatabaseUnavailable    the database cannot be reached now (transient; retried)
     └── LeaseLost              an event's claim was taken over; the transaction is rolled back
 """
@@ -45,7 +45,8 @@ class SchemaError(PgreactError):
 
 
 class HandlerMisuse(PgreactError):
-    """A handler called ``session.commit()`` or ``session.rollback()``; the event fails."""
+    """A handler committed, rolled back or closed pgreact's session or transaction; the event
+    fails."""
 
 
 class DatabaseUnavailable(PgreactError):

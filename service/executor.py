@@ -41,11 +41,19 @@ from typing import Any
 
 import anyio
 import structlog
+from sqlalchemy.engine import Transaction
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.ext.asyncio.session import AsyncSessionTransaction
 
 from service.calls import HandlerCalls
-from service.db import connection_is_suspect, discard_after_driver_error, is_transient
+from service.db import (
+    connection_is_suspect,
+    discard_after_driver_error,
+    driver_disconnect,
+    driver_in_transaction,
+    is_transient,
+    statements_sent,
+)
 from service.errors import HandlerMisuse, LeaseLost
 from service.logging import Throttle
 from service.metrics import HandlerMetrics, observe_many
@@ -74,6 +82,23 @@ class HandlerSession(AsyncSession):
             "handlers must not call session.rollback(): raise an exception instead, and "
             "pgreact rolls back and retries the event"
         )
+
+    async def close(self) -> None:
+        # Closing ends the transaction, with the writes of the calls before this one in it.
+        raise HandlerMisuse(
+            "handlers must not close the session (nor use it in `async with`): pgreact owns "
+            "it and its transaction"
+        )
+
+    async def reset(self) -> None:
+        await self.close()
+
+    async def invalidate(self) -> None:
+        await self.close()
+
+    async def end(self) -> None:
+        """pgreact's own close: ends the session and rolls back what it did not commit."""
+        await AsyncSession.close(self)
 
 
 class PooledConnection:
@@ -205,6 +230,9 @@ class GroupExecutor:
         done: list[_Segment] = []
         try:
             txn = await session.begin()
+            await session.connection()  # begins the connection's transaction (no round trip)
+            root = _root_transaction(db)
+            sent = statements_sent(db.info)
             while self._todo:
                 segment = self._todo.popleft()
                 if segment.failing and len(segment.events) > 1:
@@ -236,10 +264,12 @@ class GroupExecutor:
                     return
                 if self._separate and done:
                     break
-            await self._commit(session, txn, done)
+            intact = root is not None and root.is_active and _root_transaction(db) is root
+            wrote = statements_sent(db.info) != sent
+            await self._commit(session, txn, done, intact=intact and txn.is_active, wrote=wrote)
         finally:
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                await session.close()
+                await session.end()
 
     async def _run_segment(
         self, session: AsyncSession, info: dict[Any, Any], segment: _Segment, *, savepoint: bool
@@ -297,12 +327,28 @@ class GroupExecutor:
     # -- the end of a transaction ---------------------------------------------------------
 
     async def _commit(
-        self, session: AsyncSession, txn: AsyncSessionTransaction, done: list[_Segment]
+        self,
+        session: HandlerSession,
+        txn: AsyncSessionTransaction,
+        done: list[_Segment],
+        *,
+        intact: bool,
+        wrote: bool,
     ) -> None:
+        """Settle the transaction's events and commit. ``intact``: the transaction begun for
+        them is still the connection's; ``wrote``: statements were sent in it."""
         ids = _ids(done)
         failures, self._failures = self._failures, []
         try:
             db = await session.connection()
+            # The ack must commit with the handlers' writes: not if a handler ended their
+            # transaction through its connection (another may have begun since), nor, as it runs
+            # beneath SQLAlchemy, on its own outside any.
+            if not intact or (wrote and not await driver_in_transaction(db)):
+                raise HandlerMisuse(
+                    "the transaction ended before pgreact committed it: a handler committed, "
+                    "rolled back or closed it through its connection"
+                )
             acked, recorded = await self._settle(db, ids, failures)
             if acked != len(ids):
                 raise LeaseLost(f"{len(ids) - acked} of {len(ids)} events were taken over")
@@ -347,6 +393,12 @@ class GroupExecutor:
             # Run beneath SQLAlchemy, which did not see the error: the connection goes.
             await discard_after_driver_error(db, exc)
             await self._conn.discard()
+            if driver_disconnect(exc):
+                raise ConnectionError(f"connection lost: {exc}") from exc  # transient
+            raise
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._conn.discard()  # cancelled mid-statement: its state is unknown
             raise
         return acked, [recorded.get(c.delivery_id) for c, _ in failures]
 
@@ -366,11 +418,11 @@ class GroupExecutor:
             raise
         self._report_failures(failures, recorded)
 
-    async def _abandon(self, session: AsyncSession, error: BaseException) -> None:
+    async def _abandon(self, session: HandlerSession, error: BaseException) -> None:
         """Roll the transaction back; throw the connection away if its state is unknown."""
         with anyio.CancelScope(shield=True):
             with contextlib.suppress(Exception):
-                await session.close()
+                await session.end()
             try:
                 await self._conn.end_transaction()
             except Exception:
@@ -378,13 +430,13 @@ class GroupExecutor:
         if connection_is_suspect(error):
             await self._conn.discard()
 
-    async def _lease_lost(self, session: AsyncSession, ids: list[int], exc: LeaseLost) -> None:
+    async def _lease_lost(self, session: HandlerSession, ids: list[int], exc: LeaseLost) -> None:
         """Some of the group was taken over; give back what is still ours (fenced by the
         token, so rows another process holds are untouched)."""
         self._metrics.lease_conflicts.inc()
         log.warning("lease_lost", handler=self._handler.name, detail=str(exc))
         with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-            await session.close()
+            await session.end()
         await self._store.release(await self._conn.get(), ids, self._unit.token)
         self._unit.open_ids.difference_update(ids)
         self._unit.freed = True
@@ -448,6 +500,12 @@ class GroupExecutor:
         if isinstance(error, TimeoutError):
             return f"handler timed out after {self._timeout:g} s (PGREACT_HANDLER_TIMEOUT)"
         return describe(error)
+
+
+def _root_transaction(db: AsyncConnection) -> Transaction | None:
+    """The connection's own (outermost) transaction, if one is open."""
+    sync = db.sync_connection
+    return None if sync is None else sync.get_transaction()
 
 
 def _failure_site(error: BaseException) -> tuple[str, str, int]:

@@ -102,8 +102,9 @@ def storable_text(text: str) -> str:
 
 
 class DriverStatement:
-    """A statement that runs on the driver's own connection beneath SQLAlchemy, outside any
-    transaction (so it commits by itself).
+    """A statement that runs on the driver's own connection beneath SQLAlchemy: outside any
+    transaction, committing by itself (:meth:`fetch_autocommit`), or in the one open
+    (:meth:`fetch`).
 
     The claim runs once per batch, and at the few events per batch of a steady trickle,
     SQLAlchemy's execution machinery around it cost more client CPU than the statement's round

@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import psycopg
 import structlog
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from listeners import (
     ListenerBackend,
@@ -24,6 +24,7 @@ from listeners import (
     NotificationCallback,
 )
 from service import installer
+from service.events import Event
 from service.logging import configure_logging
 from service.router import Router
 from service.runtime import Daemon
@@ -85,6 +86,20 @@ async def install(sa_url: str, router: Router, schema: str = "pgreact") -> insta
         return await installer.install(engine, router, schema)
     finally:
         await engine.dispose()
+
+
+async def queue_for_noop_handler(dsn: str, sa_url: str, rows: int, name: str = "h") -> None:
+    """The test tables, a no-op ``on`` handler on ``source`` installed, ``rows`` changes queued
+    for it (no daemon runs: for tests of the queue's own SQL)."""
+    create_tables(dsn)
+    router = Router()
+
+    @router.on("public.source", name=name)
+    async def noop(_event: Event, _session: AsyncSession) -> None:
+        return None
+
+    await install(sa_url, router)
+    sql(dsn, f"INSERT INTO source SELECT g, g FROM generate_series(1, {rows}) g")
 
 
 @contextlib.asynccontextmanager

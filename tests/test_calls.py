@@ -21,7 +21,7 @@ from service.logging import configure_logging, merge_handling
 from service.metrics import LAG_BUCKETS, observe_many
 from service.router import DurableHandler
 from service.store import Store
-from tests.support import create_tables, install, sql
+from tests.support import queue_for_noop_handler, sql
 
 pytestmark = pytest.mark.anyio
 
@@ -136,15 +136,7 @@ async def test_handler_log_lines_carry_the_event() -> None:
 async def test_claim_stays_cheap_on_a_long_backlog(pg_dsn: str, sa_url: str) -> None:
     """A claim must not scan the backlog (it once looked for 'suspects' through every queued
     row) nor be costed high enough for the server to JIT-compile it on every call."""
-    create_tables(pg_dsn)
-    router = Router()
-
-    @router.on("public.source", name="h")
-    async def h(_e: Event, _session: AsyncSession) -> None:
-        return None
-
-    await install(sa_url, router)
-    sql(pg_dsn, "INSERT INTO source SELECT g, g FROM generate_series(1, 20000) g")
+    await queue_for_noop_handler(pg_dsn, sa_url, 20000)
     sql(pg_dsn, "ANALYZE pgreact.queue")
     claim = Store("pgreact")._claim.sql
     names: list[str] = []

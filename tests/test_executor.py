@@ -70,23 +70,29 @@ async def write_effect(how: str, event: Event, session: AsyncSession) -> None:
         )
 
 
+def refusing_router(calls: list[int], poison: str, wrote: str = "nothing") -> Router:
+    """An ``on`` handler that notes each call and raises at key ``poison``, after writing what
+    ``wrote`` says."""
+    router = Router()
+
+    @router.on("source", name="one")
+    async def one(event: Event, session: AsyncSession) -> None:
+        calls.append(int(event.key or 0))
+        if event.key == poison:
+            await write_effect(wrote, event, session)
+            raise RuntimeError(f"{poison} is poison")
+        await session.execute(EFFECT, effect_row("one", event))
+
+    return router
+
+
 @pytest.mark.parametrize("wrote", ["nothing", "statement", "pending", "copy"])
 async def test_on_handler_reruns_the_calls_before_a_failing_one_only_if_it_wrote(
     pg_dsn: str, sa_url: str, wrote: str
 ) -> None:
     create_tables(pg_dsn)
-    router = Router()
     calls: list[int] = []
-
-    @router.on("source", name="one")
-    async def one(event: Event, session: AsyncSession) -> None:
-        calls.append(int(event.key or 0))
-        if event.key == "3":
-            await write_effect(wrote, event, session)
-            raise RuntimeError("3 is poison")
-        await session.execute(EFFECT, effect_row("one", event))
-
-    await run_until_settled(pg_dsn, sa_url, router, 8)
+    await run_until_settled(pg_dsn, sa_url, refusing_router(calls, "3", wrote), 8)
     if wrote == "nothing":
         # The transaction is as 3 found it: 1 and 2 keep their writes, 4-8 go on.
         assert calls == [1, 2, 3, 4, 5, 6, 7, 8]
@@ -102,16 +108,8 @@ async def test_retries_run_alone_first_and_a_crash_suspect_before_them(
     pg_dsn: str, sa_url: str
 ) -> None:
     create_tables(pg_dsn)
-    router = Router()
     calls: list[int] = []
-
-    @router.on("source", name="one")
-    async def one(event: Event, session: AsyncSession) -> None:
-        calls.append(int(event.key or 0))
-        if event.key == "5":
-            raise RuntimeError("5 is still poison")
-        await session.execute(EFFECT, effect_row("one", event))
-
+    router = refusing_router(calls, "5")
     await install(sa_url, router)
     sql(pg_dsn, "INSERT INTO source SELECT g, g FROM generate_series(1, 8) g")
     # 5 raised on its first attempt; 7's process died while handling it.

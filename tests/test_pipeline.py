@@ -299,24 +299,72 @@ async def test_on_notify_survives_bad_payloads(pg_dsn: str, sa_url: str) -> None
     assert all(n.channel == "cache_invalidation" and n.pid > 0 for n in got)
 
 
-async def test_a_handler_that_commits_fails_loudly_and_nothing_is_doubled(
+async def test_a_crash_suspect_runs_while_other_handlers_claim_beside_it(
     pg_dsn: str, sa_url: str
+) -> None:
+    """One crash suspect may be in flight per process. Every sweep wakes the quiet handlers
+    registered before its own, whose claims take and free that slot: the suspect's handler,
+    refused meanwhile, must be woken again to claim it (a version that did not stranded it
+    for good whenever its claim lost that race)."""
+    create_tables(pg_dsn)
+    router = Router()
+    handled: list[str] = []
+
+    async def note(event: Event, _session: AsyncSession) -> None:
+        handled.append(event.table)
+
+    for name in [f"quiet{i}" for i in range(6)] + ["suspect"]:
+        router.on("source", name=name)(note)
+    await install(sa_url, router)
+    sql(pg_dsn, "INSERT INTO source VALUES (1, 1)")
+    sql(pg_dsn, "DELETE FROM pgreact.queue WHERE handler <> 'suspect'")
+    sql(
+        pg_dsn,
+        "UPDATE pgreact.queue SET crashed = true, attempts = 1, last_error = 'claim abandoned'",
+    )
+    async with running(make_settings(sa_url, sweep_interval=0.2), router):
+        await wait_until(
+            lambda: queue_state(pg_dsn)["live"] == 0, timeout=5, message="the suspect handled"
+        )
+    assert handled == ["public.source"]
+
+
+async def misuse(how: str, session: AsyncSession) -> None:
+    """What a handler must not do to pgreact's transaction."""
+    if how == "commit":
+        await session.commit()
+    elif how == "close":
+        async with session:  # closes the session on the way out
+            pass
+    elif how == "rollback through the connection":
+        await (await session.connection()).rollback()
+
+
+@pytest.mark.parametrize("how", ["commit", "close", "rollback through the connection"])
+async def test_a_handler_that_ends_the_transaction_fails_loudly_and_nothing_is_doubled(
+    pg_dsn: str, sa_url: str, how: str
 ) -> None:
     create_tables(pg_dsn)
     router = Router()
 
-    @router.on("source", name="committer")
-    async def committer(event: Event, session: AsyncSession) -> None:
-        await session.execute(EFFECT, effect_row("committer", event))
-        await session.commit()
+    @router.on("source", name="one")
+    async def one(event: Event, session: AsyncSession) -> None:
+        await session.execute(EFFECT, effect_row("one", event))
+        if event.key == "2":
+            await misuse(how, session)
 
     await install(sa_url, router)
+    sql(pg_dsn, "INSERT INTO source SELECT g, g FROM generate_series(1, 3) g")  # one claim
     async with running(make_settings(sa_url, max_attempts=1), router):
-        sql(pg_dsn, "INSERT INTO source VALUES (1, 1)")
-        await wait_until(lambda: queue_state(pg_dsn)["dead"] == 1, message="dead letter")
-    assert effect_counts(pg_dsn) == (0, 0)
+        await wait_until(lambda: queue_state(pg_dsn)["live"] == 0, message="all settled")
+    # 2 is dead, without its write; 1 and 3, which shared its transaction, commit once.
+    assert sql(pg_dsn, "SELECT k, count(*) FROM effects GROUP BY k ORDER BY k") == [
+        ("1", 1),
+        ("3", 1),
+    ]
+    assert sql(pg_dsn, "SELECT row_key FROM pgreact.queue WHERE dead_at IS NOT NULL") == [("2",)]
     (error,) = sql(pg_dsn, "SELECT last_error FROM pgreact.queue")[0]
-    assert "must not call session.commit()" in error
+    assert "HandlerMisuse" in error and ("must not" in error or "transaction ended" in error)
 
 
 async def test_copy_rows_commits_with_the_batch(pg_dsn: str, sa_url: str) -> None:

@@ -7,11 +7,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
-from service import Event, Router
 from service.store import Store
-from tests.support import create_tables, install, sql
+from tests.support import queue_for_noop_handler, sql
 
 pytestmark = pytest.mark.anyio
 
@@ -21,15 +20,7 @@ PRESENCE_KEY = 4242  # no process holds a presence lock under it: every other ow
 
 @pytest.fixture
 async def conn(pg_dsn: str, sa_url: str) -> AsyncIterator[AsyncConnection]:
-    create_tables(pg_dsn)
-    router = Router()
-
-    @router.on("public.source", name="h")
-    async def h(_event: Event, _session: AsyncSession) -> None:
-        return None
-
-    await install(sa_url, router)
-    sql(pg_dsn, "INSERT INTO source SELECT g, g FROM generate_series(1, 3) g")
+    await queue_for_noop_handler(pg_dsn, sa_url, 3)
     engine = create_async_engine(sa_url)
     try:
         async with engine.connect() as connection:

@@ -7,7 +7,7 @@ ALTER TABLE __SCHEMA__.queue ADD COLUMN crashed boolean NOT NULL DEFAULT false;
 -- What version 2 marked abandoned is a crash suspect.
 UPDATE __SCHEMA__.queue SET crashed = true
     WHERE dead_at IS NULL AND starts_with(last_error, 'claim abandoned:');
-DROP INDEX __SCHEMA__.queue_suspect;
 -- Crash suspects are rare, and every claim looks for one: an index of their own keeps that
--- look from scanning the handler's whole backlog (see version 2).
+-- look from scanning the handler's whole backlog (see version 2). queue_suspect stays, small as
+-- it is, for the version-2 daemons still running during a rollout (or after a rollback).
 CREATE INDEX queue_crashed ON __SCHEMA__.queue (handler, id) WHERE dead_at IS NULL AND crashed;
