@@ -8,8 +8,9 @@ the call in progress started), and the event's log fields in one context variabl
 When a call fails, the caller wants to know which event to blame: for ``on`` handlers it is the
 event of the failing call; for ``on_batch`` handlers it is a guess, the event the handler was
 iterating over when it raised (see :class:`WatchedEvents`), which the caller verifies. And
-whether the failing call left the transaction as it found it (it sent no statement and left
-nothing pending in the session): then what the calls before it wrote still stands.
+whether the failing call left the transaction as it found it (it sent no statement, did not
+take the session's connection, and left nothing pending in the session): then what the calls
+before it wrote still stands.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import anyio
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db import statements_sent
+from service.db import activity
 from service.events import Event
 from service.logging import handling, reset_handling
 from service.router import DurableHandler
@@ -58,10 +59,11 @@ class HandlerCalls:
     After :meth:`run` raises, :attr:`blame` is the index of the event to blame, when known: the
     event of the failing call of an ``on`` handler, or for an ``on_batch`` handler the event its
     iteration stopped at; :attr:`untouched` says whether the failing call sent no statement on
-    the connection whose ``info`` dictionary is given (see ``service.db.count_statements``) and
-    left nothing pending in the session. Writes the handler left pending in the session are
-    flushed after each call, so that their errors count against that call. A call that runs
-    longer than ``timeout`` seconds is cancelled and surfaces as :class:`TimeoutError`.
+    the connection whose ``info`` dictionary is given (see ``service.db.count_statements``),
+    did not take that connection, and left nothing pending in the session. Writes the handler
+    left pending in the session are flushed after each call, so that their errors count against
+    that call. A call that runs longer than ``timeout`` seconds is cancelled and surfaces as
+    :class:`TimeoutError`.
     """
 
     def __init__(
@@ -122,7 +124,7 @@ class HandlerCalls:
             else {"handler": self.handler.name, "table": event.table}
         )
         info = self._info
-        sent = None if info is None else statements_sent(info)
+        before = None if info is None else activity(info)
         # Asked of the sync session: through the async proxy this check cost ~2.4 µs a call.
         pending = session.sync_session
         try:
@@ -131,9 +133,10 @@ class HandlerCalls:
                 await session.flush()
         except BaseException:
             self.untouched = (
-                sent is not None
+                before is not None
+                and before[0] is not None
                 and info is not None
-                and statements_sent(info) == sent
+                and activity(info) == before
                 and pending.is_active  # not left needing a rollback (a failed flush)
                 and not (pending.new or pending.deleted or pending.dirty)
             )

@@ -277,6 +277,22 @@ def statements_sent(info: dict[Any, Any]) -> int | None:
     return info.get(_STATEMENTS_SENT)
 
 
+# How often a handler was handed its session's connection: with it, it may write beneath
+# SQLAlchemy, uncounted.
+_CONNECTION_TAKEN = "pgreact_connection_taken"
+
+
+def note_connection_taken(conn: AsyncConnection) -> None:
+    info = conn.info
+    info[_CONNECTION_TAKEN] = info.get(_CONNECTION_TAKEN, 0) + 1
+
+
+def activity(info: dict[Any, Any]) -> tuple[int | None, int]:
+    """(statements sent, times the connection was taken) on the connection of ``info``: a call
+    that leaves both as they were, with the first known, wrote nothing."""
+    return info.get(_STATEMENTS_SENT), info.get(_CONNECTION_TAKEN, 0)
+
+
 async def driver_in_transaction(conn: AsyncConnection) -> bool:
     """Whether the driver's connection beneath ``conn`` is inside a transaction block."""
     raw = await conn.get_raw_connection()

@@ -332,7 +332,7 @@ class Dispatcher:
         # transaction: one that fails again before writing costs nothing else; one that fails
         # after writing takes only the retries before it back (they run again).
         retries = [c for c in claimed if c.failed_before and not c.crashed]
-        fresh = [c for c in claimed if not c.failed_before]
+        fresh = [c for c in claimed if not (c.failed_before or c.crashed)]
         size = handler.max_size if handler.batch else max(1, len(fresh))
         for start in range(0, max(1, len(fresh)), size):
             await executor.run(fresh[start : start + size], alone=retries if start == 0 else [])

@@ -52,6 +52,7 @@ from service.db import (
     driver_disconnect,
     driver_in_transaction,
     is_transient,
+    note_connection_taken,
     statements_sent,
 )
 from service.errors import HandlerMisuse, LeaseLost
@@ -99,6 +100,13 @@ class HandlerSession(AsyncSession):
     async def end(self) -> None:
         """pgreact's own close: ends the session and rolls back what it did not commit."""
         await AsyncSession.close(self)
+
+    async def connection(self, *args: Any, **kwargs: Any) -> AsyncConnection:
+        conn = await super().connection(*args, **kwargs)
+        # A handler with the connection may write beneath SQLAlchemy, where statements are not
+        # counted: if its call fails, what shares its transaction is not known to be intact.
+        note_connection_taken(conn)
+        return conn
 
 
 class PooledConnection:
@@ -368,8 +376,8 @@ class GroupExecutor:
                 # Which segment the commit failed for is unknown: one transaction each.
                 self._separate = True
                 self._todo.extendleft(reversed(done))
-            else:
-                raise
+            # else only failures were to commit: they are recorded on their own next (raising
+            # here would give them back with their attempts refunded, to fail again forever)
             return
         self._unit.open_ids.difference_update(ids)
         self._report_failures(failures, recorded)

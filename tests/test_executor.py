@@ -5,6 +5,7 @@ its events before the daemon starts, so that one claim takes them all."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import structlog.testing
@@ -64,6 +65,18 @@ async def write_effect(how: str, event: Event, session: AsyncSession) -> None:
         await session.execute(EFFECT, effect_row("one", event))
     elif how == "pending":  # added, not flushed: the next flush would write it
         session.add(EffectRow(handler="one", event_id=event.id, k=event.key))
+    elif how == "driver":  # beneath SQLAlchemy, with the session's connection
+        conn = await session.connection()
+        driver: Any = (await conn.get_raw_connection()).driver_connection
+        row = ("one", event.id, event.key)
+        if conn.dialect.driver == "asyncpg":
+            await driver.execute(
+                "INSERT INTO effects (handler, event_id, k) VALUES ($1, $2, $3)", *row
+            )
+        else:
+            await driver.execute(
+                "INSERT INTO effects (handler, event_id, k) VALUES (%s, %s, %s)", row
+            )
     elif how == "copy":
         await copy_rows(
             session, "public.effects", ["handler", "event_id", "k"], [("one", event.id, event.key)]
@@ -86,7 +99,7 @@ def refusing_router(calls: list[int], poison: str, wrote: str = "nothing") -> Ro
     return router
 
 
-@pytest.mark.parametrize("wrote", ["nothing", "statement", "pending", "copy"])
+@pytest.mark.parametrize("wrote", ["nothing", "statement", "pending", "copy", "driver"])
 async def test_on_handler_reruns_the_calls_before_a_failing_one_only_if_it_wrote(
     pg_dsn: str, sa_url: str, wrote: str
 ) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import anyio
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from service import Event, Notification, Router
 from tests.handlers.common import EFFECT, effect_row
@@ -365,6 +365,28 @@ async def test_a_handler_that_ends_the_transaction_fails_loudly_and_nothing_is_d
     assert sql(pg_dsn, "SELECT row_key FROM pgreact.queue WHERE dead_at IS NOT NULL") == [("2",)]
     (error,) = sql(pg_dsn, "SELECT last_error FROM pgreact.queue")[0]
     assert "HandlerMisuse" in error and ("must not" in error or "transaction ended" in error)
+
+
+async def test_failures_whose_transaction_a_handler_ended_are_still_recorded(
+    pg_dsn: str, sa_url: str
+) -> None:
+    """Only failures to commit, and the commit refused (a handler ended the transaction without
+    sending a statement): they are recorded on their own, so the events still spend their
+    attempts and end dead, instead of being given back and failing forever."""
+    create_tables(pg_dsn)
+    router = Router()
+
+    @router.on("source", name="one")
+    async def one(event: Event, session: AsyncSession) -> None:
+        assert isinstance(session.bind, AsyncConnection)
+        await session.bind.rollback()
+        raise RuntimeError(f"{event.key} after ending the transaction")
+
+    await install(sa_url, router)
+    sql(pg_dsn, "INSERT INTO source SELECT g, g FROM generate_series(1, 2) g")
+    async with running(make_settings(sa_url, max_attempts=2), router):
+        await wait_until(lambda: queue_state(pg_dsn)["dead"] == 2, message="both dead")
+    assert sql(pg_dsn, "SELECT DISTINCT attempts FROM pgreact.queue") == [(2,)]
 
 
 async def test_copy_rows_commits_with_the_batch(pg_dsn: str, sa_url: str) -> None:
