@@ -261,14 +261,16 @@ def _count_statement(
     _context: object,
     _executemany: bool,
 ) -> None:
-    info = conn.info
-    info[_STATEMENTS_SENT] = info.get(_STATEMENTS_SENT, 0) + 1
+    _bump(conn.info, _STATEMENTS_SENT)
 
 
 def note_statement_sent(conn: AsyncConnection) -> None:
     """Count a statement sent on the driver's own connection, beneath SQLAlchemy."""
-    info = conn.info
-    info[_STATEMENTS_SENT] = info.get(_STATEMENTS_SENT, 0) + 1
+    _bump(conn.info, _STATEMENTS_SENT)
+
+
+def _bump(info: dict[Any, Any], counter: str) -> None:
+    info[counter] = info.get(counter, 0) + 1
 
 
 def statements_sent(info: dict[Any, Any]) -> int | None:
@@ -283,8 +285,7 @@ _CONNECTION_TAKEN = "pgreact_connection_taken"
 
 
 def note_connection_taken(conn: AsyncConnection) -> None:
-    info = conn.info
-    info[_CONNECTION_TAKEN] = info.get(_CONNECTION_TAKEN, 0) + 1
+    _bump(conn.info, _CONNECTION_TAKEN)
 
 
 def activity(info: dict[Any, Any]) -> tuple[int | None, int]:
