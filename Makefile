@@ -7,6 +7,6 @@ test:
 bench:
 	.venv/bin/python -m benchmarks.run
 lint:
-	.venv/bin/ruff check service listeners tests benchmarks scripts && .venv/bin/mypy
+	python3 scripts/dev.py lint
 chaos:
 	.venv/bin/python scripts/chaos.py

@@ -91,7 +91,7 @@ from benchmarks.workload import (
     fill_bare_jobs_sql,
     make_router,
 )
-from service import installer
+from pgreact import installer
 
 if TYPE_CHECKING:
     from tests.pgbouncer_core import PgBouncer
@@ -1205,7 +1205,7 @@ def _settings(items: Sequence[str], option: str) -> tuple[tuple[str, str], ...]:
             raise SystemExit(f"--{option} {item!r}: expected NAME=VALUE")
         pairs.append((name, value.strip()))
     if pairs:
-        from service.settings import load_settings
+        from pgreact.settings import load_settings
 
         try:
             load_settings(None, environ={}, **dict(pairs))

@@ -1,6 +1,6 @@
 """The PostgreSQL under test: where it comes from, scratch databases, CPU it spends, machine facts.
 
-By default the run starts its own :class:`~service.devserver.EmbeddedPostgres` (the wheel's
+By default the run starts its own :class:`~pgreact.devserver.EmbeddedPostgres` (the wheel's
 server, ``fsync`` and ``synchronous_commit`` on, data directory on disk, a free 127.0.0.1 port)
 and throws it away afterwards. ``--url`` points at an existing server instead; the run then only
 creates and drops databases named ``pgreact_bench_*`` on it, and server CPU is not measured.
@@ -22,7 +22,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 
-from service.devserver import EmbeddedPostgres, find_bin_path
+from pgreact.devserver import EmbeddedPostgres, find_bin_path
 
 DB_PREFIX = "pgreact_bench_"
 _CLK_TCK = os.sysconf("SC_CLK_TCK")

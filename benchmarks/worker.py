@@ -32,18 +32,18 @@ import orjson
 
 from benchmarks.server import cpu_stall_us, process_cpu_seconds, server_cpu_seconds
 from benchmarks.workload import HANDLER_NAMES, PGQUEUER_ENTRYPOINT, Kind, clock, make_router
-from service.logging import configure_logging
-from service.metrics import Metrics
-from service.runtime import Daemon
-from service.settings import load_settings
+from pgreact.logging import configure_logging
+from pgreact.metrics import Metrics
+from pgreact.runtime import Daemon
+from pgreact.settings import load_settings
 
 # Modules the daemon imports lazily: the fork server imports them up front, so nothing is
 # imported inside a measurement (both drivers, so every measured process starts alike).
 PRELOAD = (
     "hypercorn.asyncio",
     "hypercorn.config",
-    "listeners.asyncpg_backend",
-    "listeners.psycopg_backend",
+    "pgreact.listeners.asyncpg_backend",
+    "pgreact.listeners.psycopg_backend",
     "sqlalchemy.dialects.postgresql.asyncpg",
     "sqlalchemy.dialects.postgresql.psycopg",
 )

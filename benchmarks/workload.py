@@ -15,8 +15,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from service import Event, Router
-from service.copy import copy_rows
+from pgreact import Event, Router
+from pgreact.copy import copy_rows
 
 Kind = Literal["single", "batch", "copy"]
 KINDS: Final[tuple[Kind, ...]] = ("single", "batch", "copy")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Final
 
-from listeners.backoff import Backoff
-from listeners.dsn import libpq_dsn, mask_dsn
-from listeners.protocol import (
+from pgreact.listeners.backoff import Backoff
+from pgreact.listeners.dsn import libpq_dsn, mask_dsn
+from pgreact.listeners.protocol import (
     ListenerBackend,
     ListenerConnectError,
     ListenerConnection,
@@ -20,7 +20,7 @@ from listeners.protocol import (
     Notification,
     NotificationCallback,
 )
-from listeners.supervisor import Listener
+from pgreact.listeners.supervisor import Listener
 
 __all__ = [
     "BACKEND_NAMES",
@@ -44,19 +44,19 @@ BACKEND_NAMES: Final = ("asyncpg", "psycopg", "memory")
 def backend_for(name: str) -> ListenerBackend:
     """Return a new backend by name: ``asyncpg``, ``psycopg`` or ``memory``.
 
-    ``memory`` gets a fresh private :class:`~listeners.memory.MemoryBroker` (reachable as
+    ``memory`` gets a fresh private :class:`~pgreact.listeners.memory.MemoryBroker` (reachable as
     ``backend.broker``); tests that need to share a broker build ``MemoryBackend(broker)``.
     """
     if name == "asyncpg":
-        from listeners.asyncpg_backend import AsyncpgBackend
+        from pgreact.listeners.asyncpg_backend import AsyncpgBackend
 
         return AsyncpgBackend()
     if name == "psycopg":
-        from listeners.psycopg_backend import PsycopgBackend
+        from pgreact.listeners.psycopg_backend import PsycopgBackend
 
         return PsycopgBackend()
     if name == "memory":
-        from listeners.memory import MemoryBackend
+        from pgreact.listeners.memory import MemoryBackend
 
         return MemoryBackend()
     raise ValueError(

@@ -16,8 +16,8 @@ from typing import Any, Final
 import asyncpg
 import structlog
 
-from listeners.dsn import libpq_dsn
-from listeners.protocol import (
+from pgreact.listeners.dsn import libpq_dsn
+from pgreact.listeners.protocol import (
     ListenerConnectError,
     ListenerConnection,
     ListenerError,

@@ -31,7 +31,7 @@ from typing import Final
 
 import anyio
 
-from listeners.protocol import (
+from pgreact.listeners.protocol import (
     ListenerConnectError,
     ListenerConnection,
     ListenerLost,

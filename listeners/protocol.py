@@ -2,7 +2,7 @@
 
 A backend only knows how to open one autocommit connection, LISTEN on it, send a NOTIFY and
 tell when the connection is gone. Reconnecting, heartbeats and back-off live once, in
-:mod:`listeners.supervisor`, for every backend.
+:mod:`pgreact.listeners.supervisor`, for every backend.
 """
 
 from __future__ import annotations

@@ -45,8 +45,8 @@ import psycopg
 import structlog
 from psycopg import sql as pgsql
 
-from listeners.dsn import libpq_dsn
-from listeners.protocol import (
+from pgreact.listeners.dsn import libpq_dsn
+from pgreact.listeners.protocol import (
     ListenerConnectError,
     ListenerConnection,
     ListenerError,

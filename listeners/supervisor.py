@@ -43,9 +43,9 @@ import anyio
 import structlog
 from anyio.abc import TaskStatus
 
-from listeners.backoff import Backoff
-from listeners.dsn import mask_dsn
-from listeners.protocol import (
+from pgreact.listeners.backoff import Backoff
+from pgreact.listeners.dsn import mask_dsn
+from pgreact.listeners.protocol import (
     ListenerBackend,
     ListenerConnectError,
     ListenerConnection,

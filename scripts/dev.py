@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -28,6 +29,9 @@ def sh(*args: str | Path, env: dict[str, str] | None = None) -> None:
     result = subprocess.run([str(a) for a in args], cwd=ROOT, env=env, check=False)  # noqa: S603
     if result.returncode != 0:
         sys.exit(result.returncode)
+
+
+TEST_EXTRAS = "test,demo,speed,bench"
 
 
 def ensure_venv(extras: str) -> None:
@@ -48,21 +52,40 @@ def demo(args: list[str]) -> None:
     sh(BIN / "pgreact", "demo", *args)
 
 
+def typecheck_tree() -> None:
+    """Lay ``build/typecheck/pgreact`` out as the wheel does (``service/`` as ``pgreact``,
+    ``listeners/`` as ``pgreact.listeners``) out of symlinks: mypy follows no package-dir
+    mapping and no editable-install finder, but it does follow links."""
+    tree = ROOT / "build" / "typecheck" / "pgreact"
+    if tree.exists():
+        shutil.rmtree(tree)
+    tree.mkdir(parents=True)
+    for entry in (ROOT / "service").iterdir():
+        if entry.name != "__pycache__":
+            (tree / entry.name).symlink_to(entry)
+    (tree / "listeners").symlink_to(ROOT / "listeners")
+
+
+def lint(args: list[str] | None = None) -> None:
+    ensure_venv(TEST_EXTRAS)
+    sh(BIN / "ruff", "check", "service", "listeners", "tests", "benchmarks", "scripts")
+    sh(BIN / "ruff", "format", "--check", "service", "listeners", "tests", "benchmarks", "scripts")
+    typecheck_tree()
+    sh(BIN / "mypy")
+
+
 def test(args: list[str]) -> None:
-    ensure_venv("test,demo,speed,bench")
     tools = ROOT / "scripts" / "install-test-tools.sh"
     if tools.exists():
         sh("bash", tools)
-    sh(BIN / "ruff", "check", "service", "listeners", "tests", "benchmarks", "scripts")
-    sh(BIN / "ruff", "format", "--check", "service", "listeners", "tests", "benchmarks", "scripts")
-    sh(BIN / "mypy")
+    lint()
     sh(PY, "-m", "pytest", *args)
 
 
 def main() -> None:
-    commands = {"demo": demo, "test": test}
+    commands = {"demo": demo, "test": test, "lint": lint}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
-        sys.exit(f"usage: {sys.argv[0]} {{demo|test}} [args…]")
+        sys.exit(f"usage: {sys.argv[0]} {{demo|test|lint}} [args…]")
     commands[sys.argv[1]](sys.argv[2:])
 
 

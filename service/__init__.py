@@ -2,12 +2,12 @@
 
 The handler API::
 
-    from service import Router, Event, Notification
+    from pgreact import Router, Event, Notification
 """
 
-from service.copy import copy_rows
-from service.events import Event, Notification
-from service.router import Router
+from pgreact.copy import copy_rows
+from pgreact.events import Event, Notification
+from pgreact.router import Router
 
 __all__ = ["Event", "Notification", "Router", "__version__", "copy_rows"]
 

@@ -22,10 +22,10 @@ from typing import Any
 import anyio
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db import activity
-from service.events import Event
-from service.logging import handling, reset_handling
-from service.router import DurableHandler
+from pgreact.db import activity
+from pgreact.events import Event
+from pgreact.logging import handling, reset_handling
+from pgreact.router import DurableHandler
 
 
 class WatchedEvents(list[Event]):
@@ -59,7 +59,7 @@ class HandlerCalls:
     After :meth:`run` raises, :attr:`blame` is the index of the event to blame, when known: the
     event of the failing call of an ``on`` handler, or for an ``on_batch`` handler the event its
     iteration stopped at; :attr:`untouched` says whether the failing call sent no statement on
-    the connection whose ``info`` dictionary is given (see ``service.db.count_statements``),
+    the connection whose ``info`` dictionary is given (see ``pgreact.db.count_statements``),
     did not take that connection, and left nothing pending in the session. Writes the handler
     left pending in the session are flushed after each call, so that their errors count against
     that call. A call that runs longer than ``timeout`` seconds is cancelled and surfaces as

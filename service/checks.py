@@ -24,13 +24,13 @@ import anyio
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from listeners import backend_for
-from listeners.protocol import Notification
-from service import installer
-from service.db import WriteTimeouts, create_write_engine
-from service.errors import PgreactError
-from service.router import Router, load_routers
-from service.settings import Driver, Settings, libpq_url, mask_url
+from pgreact import installer
+from pgreact.db import WriteTimeouts, create_write_engine
+from pgreact.errors import PgreactError
+from pgreact.listeners import backend_for
+from pgreact.listeners.protocol import Notification
+from pgreact.router import Router, load_routers
+from pgreact.settings import Driver, Settings, libpq_url, mask_url
 
 Level = Literal["ok", "warn", "fail"]
 RouteKind = Literal["direct", "session", "transaction", "statement", "unknown"]

@@ -14,13 +14,13 @@ import click
 import orjson
 import structlog
 
-from service.errors import PgreactError
-from service.settings import Settings, load_settings
+from pgreact.errors import PgreactError
+from pgreact.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
 
-    from service.store import Store
+    from pgreact.store import Store
 
 T = TypeVar("T")
 
@@ -86,9 +86,9 @@ def cli(ctx: click.Context, config: Path | None) -> None:
 @click.pass_context
 def run(ctx: click.Context) -> None:
     """Run the daemon until SIGTERM/SIGINT, then drain and exit 0."""
-    from service.logging import configure_logging
-    from service.router import load_routers
-    from service.runtime import Daemon
+    from pgreact.logging import configure_logging
+    from pgreact.router import load_routers
+    from pgreact.runtime import Daemon
 
     def prepare() -> tuple[Settings, Any]:
         settings = _settings(ctx)
@@ -133,9 +133,9 @@ def run(ctx: click.Context) -> None:
 @click.pass_context
 def install(ctx: click.Context, print_sql: bool, prune: bool) -> None:
     """Create or upgrade pgreact's schema and the capture triggers (idempotent)."""
-    from service import installer
-    from service.db import create_write_engine
-    from service.router import load_routers
+    from pgreact import installer
+    from pgreact.db import create_write_engine
+    from pgreact.router import load_routers
 
     settings = _load(ctx)
 
@@ -173,7 +173,7 @@ def install(ctx: click.Context, print_sql: bool, prune: bool) -> None:
 @click.pass_context
 def check(ctx: click.Context, replicas: int | None) -> None:
     """Validate configuration and database: connections, listener, triggers, connection budget."""
-    from service.checks import run_checks
+    from pgreact.checks import run_checks
 
     settings = _load(ctx, replicas=replicas)
     report = _run(lambda: run_checks(settings))
@@ -303,7 +303,7 @@ def _dead_action(name: str, verb: str) -> Callable[..., None]:
         settings = _load(ctx)
 
         async def main() -> int:
-            from service.installer import wake_channel
+            from pgreact.installer import wake_channel
 
             async with _store_connection(settings) as (conn, store):
                 action = store.dead_retry if name == "retry" else store.dead_purge
@@ -344,7 +344,7 @@ dead.command("purge")(_dead_action("purge", "purged"))
 @click.pass_context
 def demo(ctx: click.Context, duration: float, rate: float, http_port: int | None) -> None:
     """Run a live demo on an embedded PostgreSQL (or PGREACT_DATABASE_URL) and check the result."""
-    from service.demo import run_demo
+    from pgreact.demo import run_demo
 
     state: _State = ctx.ensure_object(_State)
     ok = _run(lambda: run_demo(state.config, duration=duration, rate=rate, http_port=http_port))
@@ -367,8 +367,8 @@ def _load(ctx: click.Context, **overrides: Any) -> Settings:
 @contextlib.asynccontextmanager
 async def _store_connection(settings: Settings) -> AsyncIterator[tuple[AsyncConnection, Store]]:
     """A one-connection engine and a Store, for the short CLI commands."""
-    from service.db import create_write_engine
-    from service.store import Store
+    from pgreact.db import create_write_engine
+    from pgreact.store import Store
 
     engine = create_write_engine(settings)
     try:
@@ -377,8 +377,8 @@ async def _store_connection(settings: Settings) -> AsyncIterator[tuple[AsyncConn
         except Exception as exc:
             raise _database_error("connect", exc) from exc
         try:
-            from service.errors import SchemaError
-            from service.installer import schema_version
+            from pgreact.errors import SchemaError
+            from pgreact.installer import schema_version
 
             if await schema_version(conn, settings.schema_name) == 0:
                 raise SchemaError(
@@ -400,7 +400,7 @@ async def _store_connection(settings: Settings) -> AsyncIterator[tuple[AsyncConn
 def _database_error(what: str, exc: BaseException) -> PgreactError:
     if isinstance(exc, PgreactError):
         return exc
-    from service.settings import mask_url
+    from pgreact.settings import mask_url
 
     first = (str(exc).splitlines() or [type(exc).__name__])[0]
     return PgreactError(f"{what} failed: {type(exc).__name__}: {mask_url(first)}")

@@ -12,9 +12,9 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db import note_statement_sent
-from service.router import TableName
-from service.sql import qualified, quote_ident
+from pgreact.db import note_statement_sent
+from pgreact.router import TableName
+from pgreact.sql import qualified, quote_ident
 
 
 async def copy_rows(

@@ -15,7 +15,7 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from service.settings import Settings
+from pgreact.settings import Settings
 
 # SQLSTATE classes and codes that say "try again", not "this event is bad":
 # 08 connection exception, 53 insufficient resources (disk full, out of memory, too many

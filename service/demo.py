@@ -4,7 +4,7 @@ What happens, in order:
 
 1. **A database.** Without ``PGREACT_DATABASE_URL`` an embedded PostgreSQL starts in a temporary
    directory (deleted at the end). With it, the demo uses that database but only the schema
-   ``pgreact_demo`` (:mod:`service.demo_handlers`), which holds the demo tables *and* pgreact's
+   ``pgreact_demo`` (:mod:`pgreact.demo_handlers`), which holds the demo tables *and* pgreact's
    own queue, so nothing else in the database is touched. The schema is re-created at every run
    and left in place afterwards for inspection.
 2. **Install and run.** pgreact is installed for the demo router and a :class:`Daemon` runs in
@@ -41,24 +41,24 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from sqlalchemy import TextClause, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from service import installer
-from service.db import create_write_engine
-from service.demo_handlers import (
+from pgreact import installer
+from pgreact.db import create_write_engine
+from pgreact.demo_handlers import (
     AUDIT_HANDLER,
     DEMO_SCHEMA,
     SCHEMA_DDL,
     SCHEMA_MARK,
     TOTALS_HANDLER,
 )
-from service.devserver import EmbeddedPostgres
-from service.errors import ConfigError, DatabaseUnavailable, PgreactError
-from service.metrics import Metrics
-from service.router import Router, load_routers
-from service.runtime import Daemon
-from service.settings import Settings, load_settings, mask_url
-from service.store import Store
+from pgreact.devserver import EmbeddedPostgres
+from pgreact.errors import ConfigError, DatabaseUnavailable, PgreactError
+from pgreact.metrics import Metrics
+from pgreact.router import Router, load_routers
+from pgreact.runtime import Daemon
+from pgreact.settings import Settings, load_settings, mask_url
+from pgreact.store import Store
 
-HANDLER_MODULE = "service.demo_handlers"
+HANDLER_MODULE = "pgreact.demo_handlers"
 HANDLERS = (TOTALS_HANDLER, AUDIT_HANDLER)
 DRAIN_TIMEOUT = 60.0
 PRODUCER_WORKERS = 8
@@ -329,7 +329,7 @@ async def prepare_database(engine: AsyncEngine, router: Router, url: str) -> str
 def _configure_logging(base: Settings) -> None:
     """Console logs at WARNING (the daemon's JSON lines would bury the progress line), minus
     the warnings the demo causes on purpose: the retry counter shows those."""
-    from service.logging import configure_logging
+    from pgreact.logging import configure_logging
 
     level = base.log_level if "log_level" in base.model_fields_set else "WARNING"
     configure_logging("console", level)

@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service import Event, Router
+from pgreact import Event, Router
 
 DEMO_SCHEMA = "pgreact_demo"
 SCHEMA_MARK = "pgreact demo data: dropped and re-created by every `pgreact demo` run"

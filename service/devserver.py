@@ -47,7 +47,7 @@ from types import TracebackType
 from typing import Any, Literal, Self
 from urllib.parse import quote
 
-from service.errors import ConfigError, PgreactError
+from pgreact.errors import ConfigError, PgreactError
 
 StopMode = Literal["smart", "fast", "immediate"]
 
@@ -376,7 +376,7 @@ class EmbeddedPostgres:
             "port": str(self._port),
             "unix_socket_directories": str(self._socket_dir),
         }
-        lines = ["# written by service.devserver at every start; pass settings= to change"]
+        lines = ["# written by pgreact.devserver at every start; pass settings= to change"]
         lines += [f"{key} = '{_conf_quote(value)}'" for key, value in values.items()]
         path = self._data / CONF_FILE
         path.write_text("\n".join(lines) + "\n")

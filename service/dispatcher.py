@@ -26,8 +26,8 @@ import structlog
 from anyio.abc import TaskStatus
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from service.db import count_statements, discard_after_driver_error
-from service.executor import (
+from pgreact.db import count_statements, discard_after_driver_error
+from pgreact.executor import (
     TRACEBACK_INTERVAL,
     ExecutionContext,
     GroupExecutor,
@@ -35,10 +35,10 @@ from service.executor import (
     Unit,
     describe,
 )
-from service.logging import Throttle
-from service.metrics import Metrics
-from service.router import DurableHandler
-from service.store import Claimed, Store
+from pgreact.logging import Throttle
+from pgreact.metrics import Metrics
+from pgreact.router import DurableHandler
+from pgreact.store import Claimed, Store
 
 log = structlog.get_logger("pgreact.dispatcher")
 

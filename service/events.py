@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from listeners.protocol import Notification
+from pgreact.listeners.protocol import Notification
 
 Op = Literal["INSERT", "UPDATE", "DELETE"]
 __all__ = ["OPS", "Event", "Notification", "Op"]

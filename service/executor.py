@@ -45,8 +45,8 @@ from sqlalchemy.engine import Transaction
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.ext.asyncio.session import AsyncSessionTransaction
 
-from service.calls import HandlerCalls
-from service.db import (
+from pgreact.calls import HandlerCalls
+from pgreact.db import (
     connection_is_suspect,
     discard_after_driver_error,
     driver_disconnect,
@@ -55,11 +55,11 @@ from service.db import (
     note_connection_taken,
     statements_sent,
 )
-from service.errors import HandlerMisuse, LeaseLost
-from service.logging import Throttle
-from service.metrics import HandlerMetrics, observe_many
-from service.router import DurableHandler
-from service.store import Claimed, Store
+from pgreact.errors import HandlerMisuse, LeaseLost
+from pgreact.logging import Throttle
+from pgreact.metrics import HandlerMetrics, observe_many
+from pgreact.router import DurableHandler
+from pgreact.store import Claimed, Store
 
 log = structlog.get_logger("pgreact.dispatcher")
 

@@ -17,8 +17,8 @@ import anyio
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.metrics import Metrics
-from service.store import Store
+from pgreact.metrics import Metrics
+from pgreact.store import Store
 
 log = structlog.get_logger("pgreact.housekeeping")
 

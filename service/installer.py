@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from service.errors import SchemaError
-from service.events import OPS, Op
-from service.router import DurableHandler, Router, TableName
-from service.sql import (
+from pgreact.errors import SchemaError
+from pgreact.events import OPS, Op
+from pgreact.router import DurableHandler, Router, TableName
+from pgreact.sql import (
     migration_files,
     qualified,
     quote_ident,

@@ -14,9 +14,9 @@ import anyio
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from service.events import Notification
-from service.metrics import Metrics
-from service.router import NotifyHandler
+from pgreact.events import Notification
+from pgreact.metrics import Metrics
+from pgreact.router import NotifyHandler
 
 log = structlog.get_logger("pgreact.notify")
 

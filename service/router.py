@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.errors import HandlerLoadError, RouterError
-from service.events import OPS, Event, Notification, Op
+from pgreact.errors import HandlerLoadError, RouterError
+from pgreact.events import OPS, Event, Notification, Op
 
 EventHandler = Callable[[Event, AsyncSession], Awaitable[None]]
 BatchHandler = Callable[[Sequence[Event], AsyncSession], Awaitable[None]]

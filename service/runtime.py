@@ -18,21 +18,21 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-import service
-from listeners import Backoff, backend_for
-from listeners.protocol import ListenerBackend, ListenerConnection, Notification
-from listeners.supervisor import Listener
-from service import installer
-from service.db import create_write_engine
-from service.dispatcher import DispatchConfig, Dispatcher
-from service.errors import SchemaError
-from service.housekeeping import Housekeeper
-from service.http import HealthApp, serve_http
-from service.metrics import Metrics, PoolSnapshot
-from service.notify import NotifyDispatcher
-from service.router import Router
-from service.settings import Settings, mask_url
-from service.store import Store
+import pgreact
+from pgreact import installer
+from pgreact.db import create_write_engine
+from pgreact.dispatcher import DispatchConfig, Dispatcher
+from pgreact.errors import SchemaError
+from pgreact.housekeeping import Housekeeper
+from pgreact.http import HealthApp, serve_http
+from pgreact.listeners import Backoff, backend_for
+from pgreact.listeners.protocol import ListenerBackend, ListenerConnection, Notification
+from pgreact.listeners.supervisor import Listener
+from pgreact.metrics import Metrics, PoolSnapshot
+from pgreact.notify import NotifyDispatcher
+from pgreact.router import Router
+from pgreact.settings import Settings, mask_url
+from pgreact.store import Store
 
 log = structlog.get_logger("pgreact.runtime")
 
@@ -178,7 +178,7 @@ class Daemon:
         )
         self._listener = listener
         metrics.listener_connected.set(0)
-        metrics.build_info.labels(service.__version__, backend.name, s.write_driver).set(1)
+        metrics.build_info.labels(pgreact.__version__, backend.name, s.write_driver).set(1)
         for handler in durable:
             metrics.prime_handler(handler.name)
         for nh in self.router.notify:
@@ -191,7 +191,7 @@ class Daemon:
         app = HealthApp(metrics.registry, self._readiness)
         log.info(
             "starting",
-            version=service.__version__,
+            version=pgreact.__version__,
             database=mask_url(s.require_database_url()),
             listen=mask_url(s.effective_listen_url),
             listener=backend.name,

@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from service.errors import ConfigError
+from pgreact.errors import ConfigError
 
 ENV_PREFIX = "PGREACT_"
 Driver = Literal["asyncpg", "psycopg"]

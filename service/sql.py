@@ -93,7 +93,7 @@ def _flush(buf: list[str], statements: list[str]) -> None:
 def migration_files() -> list[tuple[int, str]]:
     """The shipped migrations as ``(version, raw text)``, in order."""
     found: list[tuple[int, str]] = []
-    for entry in resources.files("service.schema").iterdir():
+    for entry in resources.files("pgreact.schema").iterdir():
         name = entry.name
         if name.endswith(".sql") and name[:4].isdigit():
             found.append((int(name[:4]), entry.read_text(encoding="utf-8")))

@@ -32,8 +32,8 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from service.events import Event
-from service.sql import quote_ident
+from pgreact.events import Event
+from pgreact.sql import quote_ident
 
 MAX_ERROR_LENGTH = 4000
 

@@ -5,7 +5,7 @@ Where the server comes from, first match wins:
 1. ``PGREACT_TEST_DATABASE_URL``: a libpq URL to a maintenance database on a server where we may
    create databases. Never stopped or restarted by tests (``controllable`` is False).
 2. A Docker engine, through testcontainers, if one answers a ping within two seconds.
-3. An embedded PostgreSQL (:mod:`service.devserver`) started for the session.
+3. An embedded PostgreSQL (:mod:`pgreact.devserver`) started for the session.
 
 Fixtures (names are a contract the other test modules rely on):
 
@@ -47,8 +47,8 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from service.devserver import EmbeddedPostgres, StopMode, find_bin_path  # noqa: E402
-from service.errors import ConfigError  # noqa: E402
+from pgreact.devserver import EmbeddedPostgres, StopMode, find_bin_path  # noqa: E402
+from pgreact.errors import ConfigError  # noqa: E402
 
 ENV_URL = "PGREACT_TEST_DATABASE_URL"
 DB_PREFIX = "pgreact_test_"
@@ -227,7 +227,7 @@ def pytest_report_header(config: pytest.Config) -> str:
     detail = {
         "env": f"{ENV_URL} ({_redact(os.environ.get(ENV_URL, ''))})",
         "docker": "Docker via testcontainers",
-        "embedded": "embedded PostgreSQL (service.devserver)",
+        "embedded": "embedded PostgreSQL (pgreact.devserver)",
         "none": f"NONE: set {ENV_URL}, start Docker, or pip install 'pgreact[test]'",
     }[source]
     return f"pgreact test server: {detail}"

@@ -10,7 +10,7 @@ mode users see elsewhere), and the only ignored startup parameter is ``extra_flo
 by a default PgBouncer (``LENIENT`` ignores them instead, as some deployments do).
 
 PgBouncer refuses to run as root: as root it runs as ``pgreact-pg`` (the user
-:mod:`service.devserver` runs PostgreSQL as), or ``nobody``.
+:mod:`pgreact.devserver` runs PostgreSQL as), or ``nobody``.
 """
 
 from __future__ import annotations

@@ -17,18 +17,18 @@ import psycopg
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
-from listeners import (
+from pgreact import installer
+from pgreact.events import Event
+from pgreact.listeners import (
     ListenerBackend,
     ListenerConnectError,
     ListenerConnection,
     NotificationCallback,
 )
-from service import installer
-from service.events import Event
-from service.logging import configure_logging
-from service.router import Router
-from service.runtime import Daemon
-from service.settings import Settings, load_settings
+from pgreact.logging import configure_logging
+from pgreact.router import Router
+from pgreact.runtime import Daemon
+from pgreact.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,10 +157,10 @@ def queue_state(dsn: str, schema: str = "pgreact") -> dict[str, int]:
 def pgreact_cli(
     *args: str, env: Mapping[str, str], timeout: float = 60, cwd: Path = ROOT
 ) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI in a subprocess (``python -m service.cli``)."""
+    """Run the real CLI in a subprocess (``python -m pgreact.cli``)."""
     full_env = {**os.environ, **env, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
+        [sys.executable, "-m", "pgreact.cli", *args],
         env=full_env,
         capture_output=True,
         text=True,
@@ -175,7 +175,7 @@ def spawn_daemon(env: Mapping[str, str], log_path: Path) -> subprocess.Popen[byt
     full_env = {**os.environ, **env, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     log = log_path.open("wb")
     return subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "run"],
+        [sys.executable, "-m", "pgreact.cli", "run"],
         env=full_env,
         stdout=log,
         stderr=subprocess.STDOUT,

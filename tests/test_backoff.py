@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from listeners.backoff import Backoff
+from pgreact.listeners.backoff import Backoff
 
 
 def test_first_delay_is_between_half_base_and_base() -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import IN_CI
 
-from service.devserver import find_bin_path
-from service.errors import ConfigError
+from pgreact.devserver import find_bin_path
+from pgreact.errors import ConfigError
 from tests.pgbouncer_core import find_pgbouncer
 
 ROOT = Path(__file__).resolve().parents[1]

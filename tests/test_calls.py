@@ -15,12 +15,12 @@ import structlog
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service import Event, Router
-from service.calls import HandlerCalls
-from service.logging import configure_logging, merge_handling
-from service.metrics import LAG_BUCKETS, observe_many
-from service.router import DurableHandler
-from service.store import Store
+from pgreact import Event, Router
+from pgreact.calls import HandlerCalls
+from pgreact.logging import configure_logging, merge_handling
+from pgreact.metrics import LAG_BUCKETS, observe_many
+from pgreact.router import DurableHandler
+from pgreact.store import Store
 from tests.support import queue_for_noop_handler, sql
 
 pytestmark = pytest.mark.anyio

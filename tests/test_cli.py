@@ -1,4 +1,4 @@
-"""The ``pgreact`` command line as users run it: a subprocess (``python -m service.cli``).
+"""The ``pgreact`` command line as users run it: a subprocess (``python -m pgreact.cli``).
 
 Configuration errors exit 2 naming the setting; runtime failures exit 1 with an actionable
 message; ``status``, ``dead`` and ``check`` report what is in the database. Every database URL

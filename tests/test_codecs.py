@@ -14,9 +14,9 @@ import pytest
 from conftest import DRIVERS, to_sa_url
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service import Event, Router
-from service.db import create_write_engine
-from service.store import Store, decode_row
+from pgreact import Event, Router
+from pgreact.db import create_write_engine
+from pgreact.store import Store, decode_row
 from tests.support import install, make_settings, queue_state, running, sql, wait_until
 
 pytestmark = pytest.mark.anyio

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from service.demo import (
+from pgreact.demo import (
     CheckResult,
     ProducerStats,
     Report,
@@ -28,7 +28,7 @@ from service.demo import (
     pick_http_port,
     run_demo,
 )
-from service.demo_handlers import (
+from pgreact.demo_handlers import (
     AUDIT_HANDLER,
     DEMO_SCHEMA,
     SCHEMA_DDL,
@@ -36,8 +36,8 @@ from service.demo_handlers import (
     is_flaky,
     line_deltas,
 )
-from service.errors import ConfigError
-from service.events import Event, Op
+from pgreact.errors import ConfigError
+from pgreact.events import Event, Op
 from tests.support import ROOT, libpq, sql
 
 S = DEMO_SCHEMA
@@ -361,7 +361,7 @@ async def test_demo_in_process_passes_and_leaves_correct_derived_tables(
 
 def _cli() -> list[str]:
     script = Path(sys.executable).with_name("pgreact")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "pgreact.cli"]
 
 
 def test_cli_demo_on_an_embedded_server_exits_0_with_a_passing_summary() -> None:

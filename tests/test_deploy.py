@@ -38,7 +38,7 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
-from service.settings import load_settings
+from pgreact.settings import load_settings
 from tests.deploy_support.queries import (
     alert_rules,
     dashboard_queries,

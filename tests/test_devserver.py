@@ -27,7 +27,7 @@ from conftest import (
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from service.devserver import DevServerError, EmbeddedPostgres, temp_root
+from pgreact.devserver import DevServerError, EmbeddedPostgres, temp_root
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +292,7 @@ def test_watchdog_stops_the_server_when_its_owner_dies() -> None:
 
 
 _OWNER_SCRIPT = """
-from service.devserver import EmbeddedPostgres
+from pgreact.devserver import EmbeddedPostgres
 pg = EmbeddedPostgres()
 pg.start()
 print(pg.pid, pg.data_dir, flush=True)

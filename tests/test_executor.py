@@ -13,7 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from service import Event, Router, copy_rows
+from pgreact import Event, Router, copy_rows
 from tests.handlers.common import EFFECT, effect_row
 from tests.support import (
     create_tables,

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service import Event, Router
+from pgreact import Event, Router
 from tests.conftest import TestServer, to_sa_url
 from tests.faults.harness import (
     SCALE,

@@ -17,12 +17,12 @@ import structlog
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
-from listeners import backend_for
-from service import Event, Router
-from service.devserver import EmbeddedPostgres
-from service.installer import wake_channel
-from service.runtime import Daemon
-from service.store import Store
+from pgreact import Event, Router
+from pgreact.devserver import EmbeddedPostgres
+from pgreact.installer import wake_channel
+from pgreact.listeners import backend_for
+from pgreact.runtime import Daemon
+from pgreact.store import Store
 from tests.conftest import TestServer, to_sa_url
 from tests.faults.harness import HANDLERS, SCALE, assert_clean, drained, prepared
 from tests.faults.hog import ConnectionHog

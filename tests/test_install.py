@@ -13,8 +13,8 @@ from psycopg import sql as psql
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
-from service import Event, Router, installer
-from service.errors import SchemaError
+from pgreact import Event, Router, installer
+from pgreact.errors import SchemaError
 from tests.handlers.effects import router as effects_router
 from tests.support import (
     create_tables,

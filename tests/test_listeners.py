@@ -26,7 +26,7 @@ import pytest
 import structlog
 from anyio.abc import SocketAttribute
 
-from listeners import (
+from pgreact.listeners import (
     Backoff,
     Listener,
     ListenerBackend,
@@ -39,7 +39,7 @@ from listeners import (
     libpq_dsn,
     mask_dsn,
 )
-from listeners.memory import MemoryBackend, MemoryBroker
+from pgreact.listeners.memory import MemoryBackend, MemoryBroker
 from tests.support import CountingBackend
 
 pytestmark = pytest.mark.anyio

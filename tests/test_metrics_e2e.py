@@ -21,9 +21,9 @@ import pytest
 from conftest import DRIVERS
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service import Event, Notification, Router
-from service.runtime import Daemon
-from service.settings import Settings
+from pgreact import Event, Notification, Router
+from pgreact.runtime import Daemon
+from pgreact.settings import Settings
 from tests.deploy_support.prometheus import (
     Prometheus,
     ScrapeTarget,

@@ -26,10 +26,10 @@ from conftest import to_sa_url
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from service import Event, Router
-from service.checks import run_checks
-from service.copy import copy_rows
-from service.db import KEEPALIVE_IDLE, create_write_engine, write_connect_args
+from pgreact import Event, Router
+from pgreact.checks import run_checks
+from pgreact.copy import copy_rows
+from pgreact.db import KEEPALIVE_IDLE, create_write_engine, write_connect_args
 from tests.handlers.effects import router as effects_router
 from tests.support import (
     create_tables,

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from service import Event, Notification, Router
+from pgreact import Event, Notification, Router
 from tests.handlers.common import EFFECT, effect_row
 from tests.handlers.common import effects_router as two_handler_router
 from tests.support import (
@@ -390,7 +390,7 @@ async def test_failures_whose_transaction_a_handler_ended_are_still_recorded(
 
 
 async def test_copy_rows_commits_with_the_batch(pg_dsn: str, sa_url: str) -> None:
-    from service.copy import copy_rows
+    from pgreact.copy import copy_rows
 
     create_tables(pg_dsn)
     router = Router()

@@ -7,8 +7,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service import db
-from service.db import create_write_engine
+from pgreact import db
+from pgreact.db import create_write_engine
 from tests.support import make_settings, sql
 
 pytestmark = pytest.mark.anyio

@@ -1,4 +1,4 @@
-"""Real ``pgreact run`` processes (``python -m service.cli run``), for both drivers: signals,
+"""Real ``pgreact run`` processes (``python -m pgreact.cli run``), for both drivers: signals,
 several processes on one database, the HTTP probes and metrics, JSON logs, crash loops.
 
 The daemons load :mod:`tests.handlers.effects` (handlers ``single`` and ``batch`` on

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service import Event, Notification, Router
-from service.errors import HandlerLoadError, PgreactError, RouterError
-from service.router import TableName, load_routers
+from pgreact import Event, Notification, Router
+from pgreact.errors import HandlerLoadError, PgreactError, RouterError
+from pgreact.router import TableName, load_routers
 
 
 async def module_level_handler(event: Event, session: AsyncSession) -> None:
@@ -225,7 +225,7 @@ def make_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mod
 
 
 HANDLERS_SOURCE = """
-    from service import Router
+    from pgreact import Router
 
     router = Router()
 
@@ -247,7 +247,7 @@ def test_load_routers_merges_modules(make_module: ModuleFactory) -> None:
     first = make_module(HANDLERS_SOURCE)
     second = make_module(
         """
-        from service import Router
+        from pgreact import Router
         router = Router()
 
         @router.on("audit.log", name="audit")
@@ -272,7 +272,7 @@ def test_duplicate_names_across_modules_are_rejected(make_module: ModuleFactory)
 def test_duplicate_names_within_one_module_are_rejected(make_module: ModuleFactory) -> None:
     module = make_module(
         """
-        from service import Router
+        from pgreact import Router
         router = Router()
 
         @router.on("orders", name="same")
@@ -319,7 +319,7 @@ def test_module_that_raises_on_import_is_named(make_module: ModuleFactory) -> No
 def test_module_with_a_bad_registration_is_named(make_module: ModuleFactory) -> None:
     module = make_module(
         """
-        from service import Router
+        from pgreact import Router
         router = Router()
         router.on("orders", ops=("TRUNCATE",), name="bad")
         """
@@ -336,7 +336,7 @@ def test_missing_module_is_named() -> None:
 
 
 @pytest.mark.parametrize(
-    "source", ["router = None\n", "from service import Router\nrouters = Router()\n"]
+    "source", ["router = None\n", "from pgreact import Router\nrouters = Router()\n"]
 )
 def test_module_without_a_router_is_named(make_module: ModuleFactory, source: str) -> None:
     module = make_module(source)

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from service.errors import ConfigError, PgreactError
-from service.settings import Settings, load_settings, mask_url
+from pgreact.errors import ConfigError, PgreactError
+from pgreact.settings import Settings, load_settings, mask_url
 
 ASYNCPG_URL = "postgresql+asyncpg://app:s3cr3t@db.example:5432/app"
 PSYCOPG_URL = "postgresql+psycopg://app:s3cr3t@db.example:5432/app"

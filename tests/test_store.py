@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
-from service.store import Store
+from pgreact.store import Store
 from tests.support import queue_for_noop_handler, sql
 
 pytestmark = pytest.mark.anyio

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service import Event, Router
+from pgreact import Event, Router
 
 router = Router()
 

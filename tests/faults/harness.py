@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from service import Router
+from pgreact import Router
 from tests.conftest import TestServer, create_database, to_sa_url
 from tests.faults.workload import Verdict, verdict
 from tests.handlers.common import effects_router

@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 import psycopg
 
-from service.devserver import CONF_FILE, EmbeddedPostgres, find_free_port, temp_root
+from pgreact.devserver import CONF_FILE, EmbeddedPostgres, find_free_port, temp_root
 
 
 def _clean_env() -> dict[str, str]:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import anyio
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service import Event, Router
+from pgreact import Event, Router
 from tests.handlers.common import EFFECT, effect_row
 
 router = Router()
