@@ -10,9 +10,9 @@ changed. Extra arguments after ``test`` go to pytest; after ``demo``, to ``pgrea
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import venv
@@ -55,15 +55,20 @@ def demo(args: list[str]) -> None:
 def typecheck_tree() -> None:
     """Lay ``build/typecheck/pgreact`` out as the wheel does (``service/`` as ``pgreact``,
     ``listeners/`` as ``pgreact.listeners``) out of symlinks: mypy follows no package-dir
-    mapping and no editable-install finder, but it does follow links."""
+    mapping and no editable-install finder, but it does follow links. Links are added and
+    pruned in place, so two runs at once never see a half-built tree."""
     tree = ROOT / "build" / "typecheck" / "pgreact"
-    if tree.exists():
-        shutil.rmtree(tree)
-    tree.mkdir(parents=True)
-    for entry in (ROOT / "service").iterdir():
-        if entry.name != "__pycache__":
-            (tree / entry.name).symlink_to(entry)
-    (tree / "listeners").symlink_to(ROOT / "listeners")
+    tree.mkdir(parents=True, exist_ok=True)
+    wanted = {e.name: e for e in (ROOT / "service").iterdir() if e.name != "__pycache__"}
+    wanted["listeners"] = ROOT / "listeners"
+    for link in tree.iterdir():
+        if link.name not in wanted:
+            link.unlink()
+    for name, target in wanted.items():
+        link = tree / name
+        if not link.is_symlink():
+            with contextlib.suppress(FileExistsError):  # another run laid it just now
+                link.symlink_to(target)
 
 
 def lint(args: list[str] | None = None) -> None:
