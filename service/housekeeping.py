@@ -107,6 +107,7 @@ class Housekeeper:
         for name in self._handlers:
             s = stats.get(name)
             self._metrics.events_pending.labels(name).set(s.pending if s else 0)
+            self._metrics.events_waiting_retry.labels(name).set(s.waiting_retry if s else 0)
             self._metrics.events_dead.labels(name).set(s.dead if s else 0)
             age = s.oldest_pending_age if s and s.oldest_pending_age is not None else 0.0
             self._metrics.oldest_pending_age.labels(name).set(age)

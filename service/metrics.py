@@ -161,6 +161,13 @@ class Metrics:
             ["handler"],
             registry=r,
         )
+        self.events_waiting_retry = Gauge(
+            "pgreact_events_waiting_retry",
+            "Live events per handler whose next attempt is not due yet (database-wide): part of"
+            " pgreact_events_pending that no added replica could run now.",
+            ["handler"],
+            registry=r,
+        )
         self.oldest_pending_age = Gauge(
             "pgreact_oldest_pending_age_seconds",
             "Age of the oldest live event per handler (database-wide).",
@@ -195,6 +202,13 @@ class Metrics:
             registry=r,
         )
         # Beyond the contract: what an operator needs to explain the numbers above.
+        self.capture_broken = Gauge(
+            "pgreact_capture_broken",
+            "1 while a handler's table is gone, renamed or lacks pgreact's capture triggers, so"
+            " its changes are not captured (pgreact check says what to do).",
+            ["handler"],
+            registry=r,
+        )
         self.notifications_dropped = Counter(
             "pgreact_notifications_dropped",
             "Notifications for on_notify handlers dropped because their queue was full.",
@@ -241,5 +255,7 @@ class Metrics:
         self.handler_duration.labels(handler)
         self.event_lag.labels(handler)
         self.events_pending.labels(handler).set(0)
+        self.events_waiting_retry.labels(handler).set(0)
+        self.capture_broken.labels(handler).set(0)
         self.oldest_pending_age.labels(handler).set(0)
         self.events_dead.labels(handler).set(0)
