@@ -1,13 +1,30 @@
-"""DSN helpers shared by the listener backends: driver-suffix stripping and password masking."""
+"""DSN helpers shared by pgreact: driver-suffix stripping and the one password-masking function.
+
+:func:`mask_dsn` is what every log line, error message and status output goes through. Neither
+library offers a masking function that fits: SQLAlchemy's ``render_as_string(hide_password=True)``
+keeps the tail of a password with an unescaped ``@`` (``u:p@ss@h`` shows ``ss@h``), reorders
+the query and refuses multi-host URLs; psycopg's conninfo rewrites a URL as keywords. So the
+text is masked by pattern (URL userinfo, ``?password=``, ``password=`` keywords, quoted or not),
+and libpq's own parser (``psycopg.conninfo``) is the check: when the whole text is a DSN and
+libpq still reads a password other than the mask from the result, the DSN is rebuilt from
+libpq's parse instead.
+"""
 
 from __future__ import annotations
 
 import re
 
+import psycopg
+
 _SCHEME_SUFFIX = re.compile(r"^(postgres(?:ql)?)\+[a-z0-9_]+://", re.IGNORECASE)
-_URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^:/@?#]*):[^@/?#]*@", re.IGNORECASE)
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
-_KEYWORD_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+# userinfo "user:password@": everything up to the *last* '@' before whitespace (libpq reads an
+# unescaped '@' in a password the same way), so no tail of the password stays visible.
+_URL_PASSWORD = re.compile(r"([a-z][a-z0-9+.-]*://[^:/@\s]*):\S*@", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#\s]*", re.IGNORECASE)
+# keyword form: a single-quoted value may hold spaces, \' and \\ (libpq's quoting rules)
+_KEYWORD_PASSWORD = re.compile(
+    r"(?<![?&\w])(password\s*=\s*)('(?:[^'\\]|\\.)*'?|\S+)", re.IGNORECASE
+)
 
 MASK = "***"
 
@@ -21,16 +38,31 @@ def libpq_dsn(dsn: str) -> str:
     return _SCHEME_SUFFIX.sub(r"\1://", dsn, count=1)
 
 
-def mask_dsn(dsn: str) -> str:
-    """Hide the password of a URL or keyword/value DSN so it can be logged.
+def mask_dsn(text: str) -> str:
+    """Hide every password in ``text``: a URL or keyword/value DSN, or a message quoting one.
 
     >>> mask_dsn("postgresql://app:s3cret@db:5432/app?sslmode=require")
     'postgresql://app:***@db:5432/app?sslmode=require'
     >>> mask_dsn("host=db user=app password='a b' dbname=app")
     'host=db user=app password=*** dbname=app'
     """
-    masked = _URL_PASSWORD.sub(rf"\1:{MASK}@", dsn, count=1)
+    masked = _URL_PASSWORD.sub(rf"\1:{MASK}@", text)
     masked = _QUERY_PASSWORD.sub(rf"\g<1>{MASK}", masked)
-    if "://" not in masked:
-        masked = _KEYWORD_PASSWORD.sub(rf"\g<1>{MASK}", masked)
+    masked = _KEYWORD_PASSWORD.sub(rf"\g<1>{MASK}", masked)
+    params = _libpq_params(text)
+    if params is not None and params.get("password") not in (None, "", MASK):
+        left = _libpq_params(masked)
+        if left is None or left.get("password") not in (None, "", MASK):
+            # The patterns missed it (a form they do not know): show libpq's reading instead.
+            return psycopg.conninfo.make_conninfo(**{**params, "password": MASK})
     return masked
+
+
+def _libpq_params(text: str) -> dict[str, object] | None:
+    """The parameters libpq reads from ``text`` if the whole text is a DSN, else None."""
+    if "=" not in text and "@" not in text:
+        return None
+    try:
+        return dict(psycopg.conninfo.conninfo_to_dict(libpq_dsn(text.strip())))
+    except (psycopg.Error, ValueError):
+        return None

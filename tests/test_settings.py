@@ -38,7 +38,7 @@ CONTRACT_DEFAULTS: dict[str, Any] = {
     "pool_recycle": 1800,
     "pool_pre_ping": True,
     "pooler": "none",
-    "concurrency": 16,
+    "concurrency": 9,  # PGREACT_POOL_SIZE - 1: the one rule (see test_concurrency_rule)
     "batch_size": 100,
     "max_attempts": 10,
     "retry_base": 1,
@@ -253,17 +253,6 @@ def test_malformed_database_url_is_a_config_error(url: str) -> None:
         load({"PGREACT_DATABASE_URL": url})
 
 
-@pytest.mark.parametrize("url", ["postgresql://app:s3cr3t@db/app", "postgres://app@db/app"])
-def test_database_url_without_driver_says_how_to_fix_it(url: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        load({"PGREACT_DATABASE_URL": url})
-    message = str(info.value)
-    assert "PGREACT_DATABASE_URL" in message
-    assert "postgresql+asyncpg://" in message
-    assert "postgresql+psycopg://" in message
-    assert "s3cr3t" not in message
-
-
 def test_database_url_is_required_only_when_asked_for() -> None:
     settings = load()  # `demo` runs without one
     with pytest.raises(ConfigError, match="PGREACT_DATABASE_URL") as info:
@@ -373,3 +362,165 @@ def test_mask_url_hides_a_password_query_parameter() -> None:
     masked = mask_url("postgresql+asyncpg://app@db:5432/app?sslmode=require&password=s3cr3t")
     assert "s3cr3t" not in masked
     assert "sslmode=require" in masked
+
+
+@pytest.mark.parametrize(
+    ("dsn", "secret"),
+    [
+        ("host=db user=app password='a tail' dbname=app", "tail"),
+        ("host=db password='it\\'s tail' user=app", "tail"),
+        ("host=db password = 'x y tail' user=app", "tail"),
+        ('host=db password="q1" user=app', "q1"),
+        ("postgresql://app:p%40ss%25w0rd@db/app", "ss%25w0rd"),
+        ("postgresql://app:p@ss@db/app", "ss"),  # an unescaped @: libpq reads up to the first
+        ("postgresql://app:pw@db1:5432,db2:5433/app", "pw@"),
+        ("postgresql://app@db/app?sslmode=require&password=a%20b", "a%20b"),
+        ("connection to postgresql+psycopg://app:hunter2@db/app failed: refused", "hunter2"),
+        ("bad DSN: host=db password='hunter two' (missing '=')", "two"),
+    ],
+)
+def test_mask_url_hides_tricky_passwords(dsn: str, secret: str) -> None:
+    masked = mask_url(dsn)
+    assert secret not in masked, masked
+    assert "***" in masked
+
+
+def test_mask_url_is_the_listener_masking_function() -> None:
+    from pgreact.listeners.dsn import mask_dsn
+
+    for dsn in ("host=db password='a b'", "postgresql://u:p@h/d"):
+        assert mask_url(dsn) == mask_dsn(dsn)
+
+
+# -- plain URLs and separate credentials (Kubernetes Secrets) -----------------------------------
+
+PLAIN_URL = "postgresql://app@db.example:5432/app"
+
+
+@pytest.mark.parametrize(
+    ("environ", "driver"),
+    [
+        ({"PGREACT_DATABASE_URL": PLAIN_URL}, "asyncpg"),
+        ({"PGREACT_DATABASE_URL": "postgres://app@db.example:5432/app"}, "asyncpg"),
+        ({"PGREACT_DATABASE_URL": PLAIN_URL, "PGREACT_LISTENER": "psycopg"}, "psycopg"),
+    ],
+)
+def test_plain_postgresql_url_takes_the_listener_driver_or_asyncpg(
+    environ: dict[str, str], driver: str
+) -> None:
+    settings = load(environ)
+    assert settings.write_driver == driver
+    assert settings.listener_driver == driver
+    assert settings.require_database_url() == f"postgresql+{driver}://app@db.example:5432/app"
+    assert settings.listen_dsn == "postgresql://app@db.example:5432/app"
+
+
+def test_pgpassword_reaches_both_urls_and_the_url_password_wins() -> None:
+    settings = load(
+        {
+            "PGREACT_DATABASE_URL": PLAIN_URL,
+            "PGREACT_LISTEN_URL": "postgresql://app@direct:5432/app",
+            "PGPASSWORD": "p@ss w'rd%",
+        }
+    )
+    from sqlalchemy.engine import make_url
+
+    assert make_url(settings.require_database_url()).password == "p@ss w'rd%"
+    assert make_url(settings.listen_dsn).password == "p@ss w'rd%"
+    assert make_url(settings.listen_dsn).host == "direct"
+    assert "p@ss" not in mask_url(settings.require_database_url())
+    own = load({"PGREACT_DATABASE_URL": ASYNCPG_URL, "PGPASSWORD": "other"})
+    assert own.require_database_url() == ASYNCPG_URL
+
+
+def test_password_file_is_read_the_libpq_way(tmp_path: Path) -> None:
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(
+        "# comment\n"
+        "other:5432:app:app:wrong\n"
+        "db.example:5432:*:app:from\\:file\\\\x\n"
+        "*:*:*:*:fallback\n"
+    )
+    passfile.chmod(0o600)
+    from sqlalchemy.engine import make_url
+
+    environ = {"PGREACT_DATABASE_URL": PLAIN_URL, "PGPASSFILE": str(passfile)}
+    assert make_url(load(environ).require_database_url()).password == "from:file\\x"
+    elsewhere = {**environ, "PGREACT_DATABASE_URL": "postgresql://app@db2/app"}
+    assert make_url(load(elsewhere).require_database_url()).password == "fallback"
+    # PGPASSWORD wins over the file; a file others can read is ignored (as libpq does).
+    assert make_url(load({**environ, "PGPASSWORD": "env"}).listen_dsn).password == "env"
+    passfile.chmod(0o644)
+    assert make_url(load(environ).require_database_url()).password is None
+
+
+# -- warnings ---------------------------------------------------------------------------------
+
+
+def test_unknown_pgreact_variables_are_warned_about_with_the_closest_name() -> None:
+    settings = load(
+        {
+            "PGREACT_POOL_SIZ": "3",
+            "PGREACT_HANDLER_TIMOUT": "5",
+            "PGREACT_ZZZ": "1",
+            # not settings, and not typos: Kubernetes service links, the test suite's own
+            "PGREACT_SERVICE_HOST": "10.0.0.1",
+            "PGREACT_PORT_9000_TCP": "tcp://10.0.0.1:9000",
+            "PGREACT_PORT": "tcp://10.0.0.1:9000",
+            "PGREACT_TEST_DATABASE_URL": "x",
+            "PGREACT_POOL_SIZE": "4",
+        }
+    )
+    warnings = settings.config_warnings()
+    assert len(warnings) == 3, warnings
+    assert any("PGREACT_POOL_SIZ " in w and "did you mean PGREACT_POOL_SIZE" in w for w in warnings)
+    assert any("did you mean PGREACT_HANDLER_TIMEOUT" in w for w in warnings)
+    assert any(w.startswith("PGREACT_ZZZ is not a pgreact setting") for w in warnings)
+
+
+def test_concurrency_rule_one_connection_stays_free() -> None:
+    assert load().concurrency == load().handler_concurrency == 9
+    assert load().config_warnings() == []
+    small = load({"PGREACT_POOL_SIZE": "4"})
+    assert (small.concurrency, small.handler_concurrency) == (3, 3)
+    assert load({"PGREACT_POOL_SIZE": "1"}).handler_concurrency == 1
+    capped = load({"PGREACT_CONCURRENCY": "12"})
+    assert (capped.concurrency, capped.handler_concurrency) == (12, 9)
+    (warning,) = capped.config_warnings()
+    assert "PGREACT_CONCURRENCY=12 is capped at 9" in warning
+    assert "PGREACT_POOL_SIZE to 13" in warning
+    fits = load({"PGREACT_CONCURRENCY": "12", "PGREACT_POOL_SIZE": "13"})
+    assert fits.handler_concurrency == 12 and fits.config_warnings() == []
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PGREACT_HANDLER_TIMEOUT", "inf"),
+        ("PGREACT_HANDLER_TIMEOUT", "nan"),
+        ("PGREACT_HANDLER_TIMEOUT", "1e300"),
+        ("PGREACT_SHUTDOWN_TIMEOUT", "inf"),
+        ("PGREACT_POOL_TIMEOUT", "Infinity"),
+        ("PGREACT_TCP_KEEPALIVES_IDLE", "99999999"),
+        ("PGREACT_TCP_KEEPALIVES_IDLE", "-1"),
+    ],
+)
+def test_values_that_overflow_later_are_config_errors(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=variable) as info:
+        load({variable: value})
+    assert info.value.exit_code == 2
+
+
+def test_toml_is_a_settings_source_and_leaves_os_environ_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    monkeypatch.setenv("PGREACT_BATCH_SIZE", "7")
+    before = dict(os.environ)
+    config = toml(tmp_path, "pool_size = 3\n")
+    settings = load_settings(config, environ={"PGREACT_MAX_OVERFLOW": "2"})
+    assert (settings.pool_size, settings.max_overflow, settings.batch_size) == (3, 2, 100)
+    assert dict(os.environ) == before
+    with pytest.raises(ConfigError, match="did you mean pool_size"):
+        load({}, toml(tmp_path, "pool_siz = 3\n"))
