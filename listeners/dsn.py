@@ -54,11 +54,11 @@ def mask_dsn(text: str) -> str:
         left = _libpq_params(masked)
         if left is None or left.get("password") not in (None, "", MASK):
             # The patterns missed it (a form they do not know): show libpq's reading instead.
-            return psycopg.conninfo.make_conninfo(**{**params, "password": MASK})
+            return psycopg.conninfo.make_conninfo("", **{**params, "password": MASK})
     return masked
 
 
-def _libpq_params(text: str) -> dict[str, object] | None:
+def _libpq_params(text: str) -> dict[str, str | int | None] | None:
     """The parameters libpq reads from ``text`` if the whole text is a DSN, else None."""
     if "=" not in text and "@" not in text:
         return None

@@ -10,6 +10,7 @@ user can act on. Driver errors are translated at the boundary with ``raise ... f
     ├── SchemaError            pgreact's schema is missing, too old, or a table cannot be captured
     ├── HandlerMisuse          a handler did what only pgreact may (commit, roll back, close)
     ├── DatabaseUnavailable    the database cannot be reached now (transient; retried)
+    ├── HttpBindError          the metrics/probe port cannot be opened (in use, bad host) (exit 1)
     └── LeaseLost              an event's claim was taken over; the transaction is rolled back
 """
 
@@ -51,6 +52,10 @@ class HandlerMisuse(PgreactError):
 
 class DatabaseUnavailable(PgreactError):
     """The database did not answer; the operation may succeed later."""
+
+
+class HttpBindError(PgreactError):
+    """The metrics and probe endpoints cannot listen on PGREACT_HTTP_HOST:PGREACT_HTTP_PORT."""
 
 
 class LeaseLost(PgreactError):

@@ -1,11 +1,14 @@
 """The HTTP surface: ``/metrics``, ``/livez``, ``/readyz`` — nothing else.
 
 A plain ASGI callable served by Hypercorn inside the daemon's own event loop (no signal handlers
-of its own: the daemon owns shutdown).
+of its own: the daemon owns shutdown). ``/metrics`` is prometheus-client's own ASGI app, so
+content negotiation (OpenMetrics when the scraper asks for it), gzip and ``name[]`` filters
+behave as in every other Python exporter.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -14,7 +17,9 @@ from typing import Any
 import anyio
 import orjson
 from anyio.abc import TaskStatus
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, make_asgi_app
+
+from pgreact.errors import HttpBindError
 
 Readiness = Callable[[], Awaitable[dict[str, str]]]
 """Returns the components that are down (name → reason); empty means ready."""
@@ -26,7 +31,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 class HealthApp:
     def __init__(self, registry: CollectorRegistry, readiness: Readiness) -> None:
-        self._registry = registry
+        self._metrics: Callable[[Scope, Receive, Send], Awaitable[None]] = make_asgi_app(registry)
         self._readiness = readiness
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -40,8 +45,7 @@ class HealthApp:
             return
         path = scope["path"]
         if path == "/metrics":
-            body = await anyio.to_thread.run_sync(generate_latest, self._registry)
-            await _respond(send, 200, body, CONTENT_TYPE_LATEST)
+            await self._metrics(scope, receive, send)
         elif path == "/livez":
             await _respond(send, 200, b"ok\n", "text/plain")
         elif path == "/readyz":
@@ -93,13 +97,8 @@ async def serve_http(
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock = _bind(host, port)
     try:
-        sock.bind((host, port))
-        sock.listen(128)
-        sock.set_inheritable(True)
         config = Config()
         # Hypercorn adopts (and later closes) the descriptor it is given: hand it a duplicate.
         config.bind = [f"fd://{os.dup(sock.fileno())}"]
@@ -110,3 +109,35 @@ async def serve_http(
         await serve(app, config, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
     finally:
         sock.close()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``, or an error that names the settings to change
+    (a port in use, a host name that does not resolve or is not an address of this machine)."""
+    where = f"{host}:{port} (PGREACT_HTTP_HOST, PGREACT_HTTP_PORT)"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise HttpBindError(
+            f"cannot listen on {where}: {host!r} does not resolve ({exc}); set "
+            "PGREACT_HTTP_HOST to an address of this machine, e.g. 0.0.0.0"
+        ) from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+        sock.set_inheritable(True)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            fix = "another process listens there: stop it or set PGREACT_HTTP_PORT to a free port"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            fix = "not an address of this machine: set PGREACT_HTTP_HOST, e.g. to 0.0.0.0"
+        elif exc.errno == errno.EACCES:
+            fix = "not allowed (ports below 1024 need privileges): set PGREACT_HTTP_PORT"
+        else:
+            fix = "check PGREACT_HTTP_HOST and PGREACT_HTTP_PORT"
+        raise HttpBindError(f"cannot listen on {where}: {exc.strerror}; {fix}") from None
+    return sock

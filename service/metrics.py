@@ -2,19 +2,35 @@
 
 Names follow the contract (base units, ``_total`` counters, ``_seconds``); labels are bounded:
 handler names come from code, channels from the LISTEN set, outcomes and states are fixed.
-Each daemon gets its own registry, so several daemons can run in one test process.
+Each daemon gets its own registry, so several daemons can run in one test process. Besides
+pgreact's own series, each registry carries the client's process (``process_*``) and platform
+(``python_info``) collectors; no ``*_created`` series are exported.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+# `*_created` doubles the series of every counter and histogram and no dashboard or alert of
+# pgreact reads it (rates and increase() do not need it). Process-wide, as the client allows.
+disable_created_metrics()
 
 # Handler calls range from sub-millisecond to the 30 s timeout; lag adds queueing and retries.
 DURATION_BUCKETS = (
@@ -86,28 +102,102 @@ class _PoolCollector(Collector):
         yield family
 
 
-def observe_many(histogram: Any, values: Sequence[float]) -> None:
-    """``histogram.observe(v)`` for every value, at one bucket increment per *bucket* instead
-    of a Python loop over the bounds per *value*: the dispatcher observes every event's lag,
-    and per-value observation cost more than the rest of handling a batch event.
+class _HistogramChild:
+    """One label set of a :class:`BatchHistogram`: bucket counts (not cumulative) and a sum."""
 
-    ``histogram`` is a labelled child (``Histogram.labels(...)``). This reads prometheus_client's
-    bucket layout; if a release changes it, the plain loop runs instead.
+    __slots__ = ("_bounds", "_counts", "_lock", "_sum")
+
+    def __init__(self, bounds: Sequence[float], lock: threading.Lock) -> None:
+        self._bounds = bounds
+        self._counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self._sum = 0.0
+        self._lock = lock
+
+    def observe(self, value: float) -> None:
+        index = bisect.bisect_left(self._bounds, value)  # the first bound >= value, as `le`
+        with self._lock:
+            self._counts[index] += 1
+            self._sum += value
+
+    def observe_many(self, values: Sequence[float]) -> None:
+        bounds = self._bounds
+        indexes = [bisect.bisect_left(bounds, v) for v in values]
+        total = math.fsum(values)
+        with self._lock:
+            counts = self._counts
+            for index in indexes:
+                counts[index] += 1
+            self._sum += total
+
+    def snapshot(self) -> tuple[list[int], float]:
+        with self._lock:
+            return list(self._counts), self._sum
+
+
+class BatchHistogram(Collector):
+    """A labelled histogram whose children also take many observations at once.
+
+    The dispatcher observes every event's lag and every call's duration: through
+    ``Histogram.observe`` that cost more than the rest of handling a batch event (a lock and a
+    scan of the bounds per value). Here a batch is bucketed first and added under one lock, and
+    the result is exported through the client's public collector API (``HistogramMetricFamily``),
+    in the same exposition as a ``prometheus_client.Histogram`` of the same name.
     """
-    bounds = getattr(histogram, "_upper_bounds", None)
-    buckets = getattr(histogram, "_buckets", None)
-    total = getattr(histogram, "_sum", None)
-    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
-        for value in values:
-            histogram.observe(value)
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        buckets: Sequence[float],
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        bounds = sorted(float(b) for b in buckets if not math.isinf(b))
+        if not bounds:
+            raise ValueError("a histogram needs at least one finite bucket bound")
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        self._bounds = bounds
+        self._lock = threading.Lock()
+        self._children: dict[tuple[str, ...], _HistogramChild] = {}
+        if registry is not None:
+            registry.register(self)
+
+    def labels(self, *values: str) -> _HistogramChild:
+        if len(values) != len(self._labelnames):
+            raise ValueError(f"{self._name} takes labels {self._labelnames}, got {values}")
+        key = tuple(str(v) for v in values)
+        child = self._children.get(key)
+        if child is None:
+            with self._lock:
+                child = self._children.setdefault(key, _HistogramChild(self._bounds, self._lock))
+        return child
+
+    def describe(self) -> Iterable[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+
+    def collect(self) -> Iterable[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        les = [floatToGoString(b) for b in self._bounds] + ["+Inf"]
+        for key, child in sorted(self._children.items()):
+            counts, total = child.snapshot()
+            cumulative, running = [], 0
+            for le, count in zip(les, counts, strict=True):
+                running += count
+                cumulative.append((le, float(running)))
+            family.add_metric(list(key), cumulative, sum_value=total)
+        yield family
+
+
+def observe_many(histogram: Any, values: Sequence[float]) -> None:
+    """``histogram.observe(v)`` for every value: at once for a :class:`BatchHistogram` child,
+    one by one for anything else with a public ``observe`` (a ``prometheus_client`` child)."""
+    if isinstance(histogram, _HistogramChild):
+        histogram.observe_many(values)
         return
-    counts = [0] * len(bounds)
     for value in values:
-        counts[bisect.bisect_left(bounds, value)] += 1  # the first bound >= value, as observe()
-    for bucket, count in zip(buckets, counts, strict=True):
-        if count:
-            bucket.inc(count)
-    total.inc(sum(values))
+        histogram.observe(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,14 +231,16 @@ class Metrics:
             ["handler", "outcome"],
             registry=r,
         )
-        self.handler_duration = Histogram(
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.handler_duration = BatchHistogram(
             "pgreact_handler_duration_seconds",
             "Duration of one handler call.",
             ["handler"],
             buckets=DURATION_BUCKETS,
             registry=r,
         )
-        self.event_lag = Histogram(
+        self.event_lag = BatchHistogram(
             "pgreact_event_lag_seconds",
             "Time from capture to the commit that marked the event done.",
             ["handler"],

@@ -449,7 +449,9 @@ def _first(value: str | tuple[str, ...] | None) -> str | None:
 
 
 def _passfile_fields(line: str) -> list[str]:
-    fields, current, chars = [], [], iter(line)
+    fields: list[str] = []
+    current: list[str] = []
+    chars = iter(line)
     for char in chars:
         if char == "\\":
             current.append(next(chars, ""))
