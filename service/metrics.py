@@ -30,7 +30,7 @@ from prometheus_client.utils import floatToGoString
 
 # `*_created` doubles the series of every counter and histogram and no dashboard or alert of
 # pgreact reads it (rates and increase() do not need it). Process-wide, as the client allows.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Handler calls range from sub-millisecond to the 30 s timeout; lag adds queueing and retries.
 DURATION_BUCKETS = (
@@ -179,7 +179,7 @@ class BatchHistogram(Collector):
 
     def collect(self) -> Iterable[HistogramMetricFamily]:
         family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
-        les = [floatToGoString(b) for b in self._bounds] + ["+Inf"]
+        les = [floatToGoString(b) for b in self._bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
         for key, child in sorted(self._children.items()):
             counts, total = child.snapshot()
             cumulative, running = [], 0
