@@ -211,7 +211,7 @@ def load_routers(modules: Sequence[str]) -> Router:
     for module_name in modules:
         try:
             module = importlib.import_module(module_name)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # sys.exit(0) at import must not end pgreact
             raise HandlerLoadError(
                 f"PGREACT_HANDLERS: cannot import handler module {module_name!r}: "
                 f"{type(exc).__name__}: {exc}. Check the module name and that it is on "

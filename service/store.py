@@ -475,6 +475,23 @@ class Store:
         await conn.commit()
         return rows
 
+    async def dead_show(self, conn: AsyncConnection, ids: Sequence[int]) -> list[dict[str, Any]]:
+        """Everything stored about the given dead letters (row images, the full error), by id;
+        ids that are not dead letters are left out."""
+        result = await conn.execute(
+            text(f"""
+                SELECT id, handler, change_id, table_name, op, row_key, attempts, last_error,
+                       new_row, old_row, created_at, failed_at, dead_at
+                FROM {self._q}
+                WHERE dead_at IS NOT NULL AND id = ANY(CAST(:ids AS bigint[]))
+                ORDER BY id
+            """),
+            {"ids": list(ids)},
+        )
+        rows = [dict(r) for r in result.mappings()]
+        await conn.commit()
+        return rows
+
     async def dead_retry(self, conn: AsyncConnection, ids: Sequence[int] | None) -> int:
         """Make dead letters live again with a fresh attempt budget; commits."""
         result = await conn.execute(
