@@ -349,5 +349,6 @@ class Metrics:
         self.events_pending.labels(handler).set(0)
         self.events_waiting_retry.labels(handler).set(0)
         self.capture_broken.labels(handler).set(0)
+        self.claims_reaped.labels(handler)
         self.oldest_pending_age.labels(handler).set(0)
         self.events_dead.labels(handler).set(0)

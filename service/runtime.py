@@ -185,6 +185,8 @@ class Daemon:
             metrics.events_handled.labels(nh.name, "ok")
         for channel in [wake_channel, *notify.channels]:
             metrics.notifications_received.labels(channel)
+        for channel in notify.channels:
+            metrics.notifications_dropped.labels(channel)
         metrics.observe_pool(lambda: _pool_snapshot(engine))
 
         metrics.notify_queue_usage.set_function(lambda: listener.queue_usage)
