@@ -464,22 +464,20 @@ async def _check_install(
         )
         return
     report.add("ok", "schema", f"schema {schema!r} at version {version}")
-    triggers = await installer.installed_triggers(conn, schema)
-    subscribed = {
-        r[0] for r in await conn.execute(text(f'SELECT handler FROM "{schema}".subscriptions'))
-    }
-    problems = []
-    for handler in router.durable:
-        have = triggers.get(handler.table, set())
-        missing_ops = sorted(handler.ops - have)
-        if handler.name not in subscribed:
-            problems.append(f"{handler.name} is not subscribed")
-        if missing_ops:
-            problems.append(f"{handler.table} lacks capture of {', '.join(missing_ops)}")
+    problems = await installer.capture_problems(conn, schema, router.durable)
     if problems:
-        report.add("fail", "triggers", "; ".join(problems) + ": run `pgreact install`")
+        report.add("fail", "triggers", "; ".join(problems[name] for name in sorted(problems)))
     else:
         report.add("ok", "triggers", f"capture in place for {len(router.durable)} handler(s)")
+    deaf = installer.truncate_deaf(router.durable)
+    if deaf:
+        report.add(
+            "warn",
+            "truncate",
+            f"TRUNCATE is not delivered to {', '.join(deaf)} (their ops do not include it; a "
+            "TRUNCATE of their table warns the truncating session): what they derived from "
+            "a truncated table goes stale unless they subscribe with ops=(..., 'TRUNCATE')",
+        )
 
 
 async def _check_listener(settings: Settings, report: CheckReport) -> None:

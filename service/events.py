@@ -8,10 +8,14 @@ from typing import Any, Literal
 
 from pgreact.listeners.protocol import Notification
 
-Op = Literal["INSERT", "UPDATE", "DELETE"]
-__all__ = ["OPS", "Event", "Notification", "Op"]
+Op = Literal["INSERT", "UPDATE", "DELETE", "TRUNCATE"]
+__all__ = ["ALL_OPS", "OPS", "Event", "Notification", "Op"]
 
 OPS: tuple[Op, ...] = ("INSERT", "UPDATE", "DELETE")
+"""What a handler subscribes to by default: row changes."""
+ALL_OPS: tuple[Op, ...] = (*OPS, "TRUNCATE")
+"""Row changes and TRUNCATE (an event with ``key``, ``new`` and ``old`` None; ``key`` is the
+partition's ``schema.name`` when only one partition of a partitioned table was truncated)."""
 
 
 @dataclass(frozen=True, slots=True)

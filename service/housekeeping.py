@@ -5,7 +5,12 @@
 - **reap**: take back claims of processes that died or lost them — and, within a second of the
   database answering again, our own claims stranded by a lost connection (their give-back
   failed too, and they block their keys until reaped),
-- **stats**: refresh the database-wide gauges with one aggregate query.
+- **stats**: refresh the database-wide gauges with one aggregate query,
+- **capture**: at start and then every stats interval, make sure every handler's table is still
+  captured (not dropped, renamed or stripped of a trigger): an error log line, the
+  ``pgreact_capture_broken`` gauge and the ``/readyz`` detail (:attr:`Housekeeper.capture_problems`)
+  say what is wrong until it is fixed; and remove the fences of key-changing updates that were
+  handled, so the new key's later events go on.
 """
 
 from __future__ import annotations
@@ -15,9 +20,13 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 import structlog
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from pgreact import installer
 from pgreact.metrics import Metrics
+from pgreact.router import DurableHandler
+from pgreact.sql import quote_ident
 from pgreact.store import Store
 
 log = structlog.get_logger("pgreact.housekeeping")
@@ -25,6 +34,8 @@ log = structlog.get_logger("pgreact.housekeeping")
 TICK = 0.25
 STRANDED_REAP_INTERVAL = 1.0
 """Seconds between reap attempts while claims may be stranded (the database is unreachable)."""
+CAPTURE_RELOG_INTERVAL = 60.0
+"""Seconds between repeats of the error line while a handler's capture stays broken."""
 
 
 class Housekeeper:
@@ -34,7 +45,7 @@ class Housekeeper:
         store: Store,
         metrics: Metrics,
         *,
-        handlers: Sequence[str],
+        handlers: Sequence[DurableHandler],
         wake_all: Callable[[], None],
         claims_snapshot: Callable[[], tuple[list[int], int]],
         sweep_interval: float,
@@ -44,7 +55,8 @@ class Housekeeper:
         self._engine = engine
         self._store = store
         self._metrics = metrics
-        self._handlers = list(handlers)
+        self._durable = list(handlers)
+        self._handlers = [h.name for h in handlers]
         self._wake_all = wake_all
         self._claims_snapshot = claims_snapshot
         self._sweep_interval = sweep_interval
@@ -55,6 +67,10 @@ class Housekeeper:
         self.database_ok = False
         self._reap_requested = False
         self._stranded = False
+        self.capture_problems: dict[str, str] = {}
+        """Per handler whose table is not (fully) captured: what is wrong and the fix."""
+        self._capture_logged_at = -1e9
+        self._truncate_noted = False
 
     def reap_soon(self) -> None:
         """Reap at the next tick: e.g. the database is back after a restart, and claims this
@@ -86,6 +102,7 @@ class Housekeeper:
                 await self._guarded(self.reap)
             if now >= next_stats:
                 next_stats = now + self._stats_interval
+                await self._guarded(self.check_capture)
                 await self._guarded(self.refresh_stats)
             await anyio.sleep(TICK)
 
@@ -111,6 +128,38 @@ class Housekeeper:
             self._metrics.events_dead.labels(name).set(s.dead if s else 0)
             age = s.oldest_pending_age if s and s.oldest_pending_age is not None else 0.0
             self._metrics.oldest_pending_age.labels(name).set(age)
+
+    async def check_capture(self) -> None:
+        """Is every handler's table still captured? And release finished key-change fences."""
+        async with self._engine.connect() as conn:
+            problems = await installer.capture_problems(conn, self._store.schema, self._durable)
+            released = await conn.scalar(
+                text(f"SELECT {quote_ident(self._store.schema)}.release_fences()")
+            )
+            await conn.commit()
+        if released:
+            self._wake_all()  # the new keys' later events may run now
+        for name in self._handlers:
+            self._metrics.capture_broken.labels(name).set(1 if name in problems else 0)
+        now = time.monotonic()
+        changed = problems != self.capture_problems
+        if problems and (changed or now - self._capture_logged_at >= CAPTURE_RELOG_INTERVAL):
+            self._capture_logged_at = now
+            for name, problem in sorted(problems.items()):
+                log.error("capture_broken", handler=name, detail=problem)
+        elif changed:
+            log.info("capture_restored", handlers=sorted(self.capture_problems))
+        self.capture_problems = problems
+        if not self._truncate_noted:
+            self._truncate_noted = True
+            deaf = installer.truncate_deaf(self._durable)
+            if deaf:
+                log.warning(
+                    "truncate_not_handled",
+                    handlers=deaf,
+                    detail="a TRUNCATE of their tables is not delivered to them (their ops do "
+                    "not include TRUNCATE); what they derived from the table goes stale",
+                )
 
     async def _guarded(self, job: Callable[[], Awaitable[None]]) -> None:
         try:

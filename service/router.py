@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pgreact.errors import HandlerLoadError, RouterError
-from pgreact.events import OPS, Event, Notification, Op
+from pgreact.events import ALL_OPS, OPS, Event, Notification, Op
 
 EventHandler = Callable[[Event, AsyncSession], Awaitable[None]]
 BatchHandler = Callable[[Sequence[Event], AsyncSession], Awaitable[None]]
@@ -163,9 +163,9 @@ class Router:
     ) -> Callable[[F], F]:
         parsed = TableName.parse(table)
         op_set = frozenset(o.upper() for o in ops)
-        if not op_set or not op_set <= set(OPS):
+        if not op_set or not op_set <= set(ALL_OPS):
             raise RouterError(
-                f"handler for {table!r}: ops must be a non-empty subset of {', '.join(OPS)}"
+                f"handler for {table!r}: ops must be a non-empty subset of {', '.join(ALL_OPS)}"
             )
         key_cols: tuple[str, ...] | None
         if key is None:

@@ -1,13 +1,18 @@
 """The composition root: wires settings, engine, listener, dispatcher and HTTP into one daemon.
 
 Every task belongs to one task group. Shutdown: stop claiming, let in-flight units finish within
-``PGREACT_SHUTDOWN_TIMEOUT`` (after that they are cancelled and their claims given back), then
-close the listener, the HTTP server and the pool.
+``PGREACT_SHUTDOWN_TIMEOUT`` (the last part of it, up to 2 s, is kept for cancelling the units
+still running: they roll back and give their claims back), then close the listener, the HTTP
+server and the pool. A handler that ignores cancellation (it swallows ``CancelledError``) cannot
+hold the process: at the deadline ``pgreact run`` logs what it abandons and exits, and the
+claims left behind are reaped (this process's presence lock goes with it).
 """
 
 from __future__ import annotations
 
+import os
 import secrets
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import pgreact
 from pgreact import installer
+from pgreact.calls import blocking_call
 from pgreact.db import create_write_engine
 from pgreact.dispatcher import DispatchConfig, Dispatcher
 from pgreact.errors import SchemaError
@@ -33,10 +39,15 @@ from pgreact.notify import NotifyDispatcher
 from pgreact.router import Router
 from pgreact.settings import Settings, mask_url
 from pgreact.store import Store
+from pgreact.watchdog import LoopWatchdog
 
 log = structlog.get_logger("pgreact.runtime")
 
 READY_PING_TIMEOUT = 2.0
+CANCEL_GRACE = 2.0
+"""Seconds of the shutdown timeout kept for cancelled units to roll back and give claims back
+(at most half of it, and at least :data:`MIN_CANCEL_GRACE` after cancelling)."""
+MIN_CANCEL_GRACE = 1.0
 
 
 @dataclass
@@ -48,6 +59,10 @@ class Daemon:
     registry: CollectorRegistry | None = None
     listener_backend: ListenerBackend | None = None
     owner: int = field(default_factory=lambda: secrets.randbelow(2**31 - 2) + 1)
+    # ``pgreact run``: end the process when handlers ignore cancellation past the shutdown
+    # deadline. (Embedded in another program, the daemon leaves that decision to its host and
+    # keeps waiting for them.)
+    exit_when_stuck: bool = False
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.registry)
@@ -55,6 +70,8 @@ class Daemon:
         self._stop = anyio.Event()
         self._listener: Listener | None = None
         self._engine: AsyncEngine | None = None
+        self.dispatcher: Dispatcher | None = None
+        self._housekeeper: Housekeeper | None = None
 
     def stop(self) -> None:
         """Ask for a graceful stop (what SIGTERM does)."""
@@ -100,6 +117,8 @@ class Daemon:
                 effective=concurrency,
                 hint="raise PGREACT_POOL_SIZE to run more handler transactions at once",
             )
+        # Notices a handler that blocks the event loop, charges it, spares the others.
+        watchdog = LoopWatchdog(min(1.0, s.handler_timeout / 2), blocking_call)
         dispatcher = Dispatcher(
             engine,
             store,
@@ -109,20 +128,23 @@ class Daemon:
                 concurrency=concurrency,
                 batch_size=s.batch_size,
                 handler_timeout=s.handler_timeout,
+                watchdog=watchdog,
             ),
         )
+        self.dispatcher = dispatcher
         notify = NotifyDispatcher(self.router.notify, self.metrics, timeout=s.handler_timeout)
         housekeeper = Housekeeper(
             engine,
             store,
             self.metrics,
-            handlers=[h.name for h in durable],
+            handlers=durable,
             wake_all=dispatcher.wake,
             claims_snapshot=dispatcher.claims_snapshot,
             sweep_interval=s.sweep_interval,
             stats_interval=s.stats_interval,
             reap_interval=max(s.sweep_interval, 10.0),
         )
+        self._housekeeper = housekeeper
         # A pooled connection that breaks may strand claims (a unit could not give them back
         # through a new connection either): have them reaped as soon as the database answers.
         event.listen(engine.sync_engine.pool, "invalidate", _on_invalidate(housekeeper))
@@ -133,7 +155,8 @@ class Daemon:
             metrics.notifications_received.labels(note.channel).inc()
             if note.channel == wake_channel:
                 housekeeper.notified()
-                dispatcher.wake(note.payload or None)
+                # Only a hint: any role that may connect can NOTIFY this channel.
+                dispatcher.wake(note.payload or None, hint=True)
             else:
                 notify.offer(note)
 
@@ -217,6 +240,7 @@ class Daemon:
             tg.start_soon(listener.run, name="listener")
             tg.start_soon(notify.run, name="notify")
             tg.start_soon(housekeeper.run, name="housekeeping")
+            tg.start_soon(watchdog.run, name="loop-watchdog")
             dispatch_scope = anyio.CancelScope()
             dispatch_done = anyio.Event()
 
@@ -239,19 +263,45 @@ class Daemon:
 
             await self._stop.wait()
             log.info("stopping", drain_timeout=s.shutdown_timeout)
+            stopping_at = anyio.current_time()
             dispatcher.stop_claiming()
-            with anyio.move_on_after(s.shutdown_timeout):
+            grace = min(CANCEL_GRACE, s.shutdown_timeout / 2)
+            with anyio.move_on_after(s.shutdown_timeout - grace):
                 await dispatch_done.wait()
             if not dispatch_done.is_set():
                 log.warning("drain_timeout", detail="cancelling in-flight handlers")
                 dispatch_scope.cancel()
-                await dispatch_done.wait()
+                deadline = max(
+                    stopping_at + s.shutdown_timeout, anyio.current_time() + MIN_CANCEL_GRACE
+                )
+                with anyio.CancelScope(deadline=deadline):
+                    await dispatch_done.wait()
+                if not dispatch_done.is_set():
+                    self._abandon(dispatcher)
+                    await dispatch_done.wait()
             http_shutdown.set()
             with anyio.move_on_after(3):
                 await http_done.wait()
             tg.cancel_scope.cancel()
         notify.close()
         log.info("stopped")
+
+    def _abandon(self, dispatcher: Dispatcher) -> None:
+        """Handlers still running after their cancellation (they swallow ``CancelledError``, or
+        wait on something that cannot be cancelled) must not keep ``pgreact run`` from ending."""
+        log.error(
+            "drain_abandoned",
+            claims_held=dispatcher.in_flight(),
+            detail="handler calls ignored their cancellation past PGREACT_SHUTDOWN_TIMEOUT; "
+            "their claims are left to be reaped (a handler must not swallow CancelledError)",
+            exiting=self.exit_when_stuck,
+        )
+        if self.exit_when_stuck:
+            # Nothing else can end the process: asyncio's own shutdown would wait for these
+            # tasks too. The server rolls their transactions back when the sockets close.
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os._exit(0)
 
     async def _readiness(self) -> dict[str, str]:
         down: dict[str, str] = {}
@@ -260,6 +310,11 @@ class Daemon:
             why = listener.last_error if listener is not None else None
             down["listener"] = "LISTEN connection is down (reconnecting)" + (
                 f": {mask_url(why)[:300]}" if why else ""
+            )
+        if self._housekeeper is not None:  # tables whose changes are not (all) captured
+            down.update(
+                (f"capture:{name}", problem)
+                for name, problem in self._housekeeper.capture_problems.items()
             )
         engine = self._engine
         if engine is None:

@@ -98,12 +98,19 @@ def triggers(dsn: str) -> list[tuple[Any, ...]]:
 
 
 def trigger_ops(dsn: str, table: str) -> set[str]:
-    """Which ops of ``table`` (a regclass text) pgreact captures."""
+    """Which row ops of ``table`` (a regclass text) pgreact captures (every captured table also
+    has a TRUNCATE trigger: see ``has_truncate_trigger``)."""
     return {
         name.removeprefix("pgreact_capture_").upper()
         for rel, name, _, _ in triggers(dsn)
         if rel == table and name.startswith("pgreact_capture_")
-    }
+    } - {"TRUNCATE"}
+
+
+def has_truncate_trigger(dsn: str, table: str) -> bool:
+    return any(
+        rel == table and name == "pgreact_capture_truncate" for rel, name, _, _ in triggers(dsn)
+    )
 
 
 def installed(dsn: str, schema: str = "pgreact") -> bool:
@@ -210,9 +217,15 @@ def test_print_sql_prints_the_ddl_and_changes_nothing(pg_dsn: str, sa_url: str) 
         'CREATE TABLE "pgreact".queue',
         "CREATE FUNCTION",
         'INSERT INTO "pgreact".subscriptions',
-        'CREATE OR REPLACE TRIGGER "pgreact_capture_insert" AFTER INSERT ON "public"."source"',
+        'CREATE TRIGGER "pgreact_capture_insert" AFTER INSERT ON "public"."source"',
+        'CREATE TRIGGER "pgreact_capture_truncate" AFTER TRUNCATE ON "public"."source"',
     ):
         assert fragment in ddl
+    # A transaction a reviewer can run as is: short lock waits, serialised with other installs.
+    statements = [s.strip() for s in ddl.split(";\n") if s.strip()]
+    assert statements[:2] == ["BEGIN", "SET LOCAL lock_timeout = '2000ms'"]
+    assert statements[2].startswith("SELECT pg_advisory_xact_lock(")
+    assert statements[-1] == "COMMIT;" or statements[-1] == "COMMIT"
     assert catalog(pg_dsn) == before, "--print-sql changed the database"
     assert not installed(pg_dsn)
 
@@ -223,6 +236,11 @@ def test_print_sql_prints_the_ddl_and_changes_nothing(pg_dsn: str, sa_url: str) 
     assert trigger_ops(pg_dsn, "source") == {"INSERT", "UPDATE", "DELETE"}
     anyio.run(install, sa_url, effects_router)
     assert catalog(pg_dsn) == applied
+
+    again = pgreact_cli("install", "--print-sql", env=cli_env(sa_url))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("-- pgreact: schema \"pgreact\" is up to date")
+    assert "BEGIN" not in again.stdout
 
 
 # -- names that would break naive SQL ---------------------------------------------------------
@@ -299,6 +317,11 @@ async def test_quoted_names_are_captured_without_injection(pg_dsn: str, sa_url: 
         await wait_until(
             lambda: sql(pg_dsn, "SELECT count(*) FROM effects")[0][0] >= 10,
             message="5 changes for 2 handlers",
+        )
+        # The UPDATE changed weird-keyed's key: its fence goes once the UPDATE was handled.
+        await wait_until(
+            lambda: sql(pg_dsn, "SELECT count(*) FROM pgreact.queue")[0][0] == 0,
+            message="an empty queue",
         )
     effects = sql(pg_dsn, "SELECT op, k, v FROM effects WHERE handler = 'weird' ORDER BY event_id")
     assert effects == [

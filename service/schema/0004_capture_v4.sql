@@ -1,0 +1,246 @@
+-- pgreact schema, version 4: capture that follows its table, sees partitions and TRUNCATE,
+-- orders key-changing updates under both keys, and runs as the schema's owner only.
+
+-- Subscriptions follow the table itself, not its name: a renamed table keeps its oid (and its
+-- triggers), so its changes are still captured, reported under the name the handler was
+-- installed with. The daemon and `check` say loudly that the name changed (capture_state).
+ALTER TABLE __SCHEMA__.subscriptions ADD COLUMN table_oid oid;
+UPDATE __SCHEMA__.subscriptions
+    SET table_oid = to_regclass(quote_ident(table_schema) || '.' || quote_ident(table_name));
+CREATE INDEX subscriptions_table_oid ON __SCHEMA__.subscriptions (table_oid);
+
+-- A fence: an UPDATE that changes a row's order key is delivered under its old key (after
+-- the old key's earlier events, before its later ones) and leaves this never-claimed row under
+-- its new key (run_at 'infinity'), so the new key's later events wait for it too. Fences have
+-- last_error set, which keeps them in the small queue_suspect index where release_fences()
+-- finds them; the daemon removes a fence once the delivery it stands for is gone or dead.
+ALTER TABLE __SCHEMA__.queue ADD COLUMN fence_for bigint;
+
+-- Row images use `rows.*`, never a bare alias: a column named like the alias (`r`) would be
+-- taken for it, and the image would be that column's value.
+CREATE OR REPLACE FUNCTION __SCHEMA__.capture_insert() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n bigint;
+BEGIN
+    WITH c AS MATERIALIZED (
+        SELECT nextval('__SCHEMA__.change_id_seq') AS change_id, i.img,
+               __SCHEMA__.key_of(i.img, TG_ARGV) AS row_key
+        FROM (SELECT to_jsonb(pgreact_new_rows.*) AS img FROM pgreact_new_rows) i
+    )
+    INSERT INTO __SCHEMA__.queue (change_id, handler, table_name, op, row_key, order_key, new_row)
+    SELECT c.change_id, s.handler, s.table_schema || '.' || s.table_name, 'INSERT', c.row_key,
+           CASE WHEN s.ordered THEN __SCHEMA__.key_of(c.img, coalesce(s.key_columns, TG_ARGV)) END,
+           c.img
+    FROM c
+    JOIN __SCHEMA__.subscriptions s ON s.table_oid = TG_RELID AND 'INSERT' = ANY (s.ops)
+    ORDER BY c.change_id, s.handler;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 THEN
+        PERFORM __SCHEMA__.ring();
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION __SCHEMA__.capture_delete() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n bigint;
+BEGIN
+    WITH c AS MATERIALIZED (
+        SELECT nextval('__SCHEMA__.change_id_seq') AS change_id, i.img,
+               __SCHEMA__.key_of(i.img, TG_ARGV) AS row_key
+        FROM (SELECT to_jsonb(pgreact_old_rows.*) AS img FROM pgreact_old_rows) i
+    )
+    INSERT INTO __SCHEMA__.queue (change_id, handler, table_name, op, row_key, order_key, old_row)
+    SELECT c.change_id, s.handler, s.table_schema || '.' || s.table_name, 'DELETE', c.row_key,
+           CASE WHEN s.ordered THEN __SCHEMA__.key_of(c.img, coalesce(s.key_columns, TG_ARGV)) END,
+           c.img
+    FROM c
+    JOIN __SCHEMA__.subscriptions s ON s.table_oid = TG_RELID AND 'DELETE' = ANY (s.ops)
+    ORDER BY c.change_id, s.handler;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 THEN
+        PERFORM __SCHEMA__.ring();
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- One row change, for every handler subscribed to one of `rels` (the table, or a partition and
+-- its ancestors). Only ever called by the capture functions, as the schema's owner.
+CREATE FUNCTION __SCHEMA__.enqueue_row(
+    rels oid[], change_op text, new_img jsonb, old_img jsonb, pk text[]
+) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    cid bigint := nextval('__SCHEMA__.change_id_seq');
+    n bigint;
+BEGIN
+    WITH sub AS (
+        SELECT s.handler, s.table_schema || '.' || s.table_name AS tname, s.ordered,
+               coalesce(s.key_columns, pk) AS cols
+        FROM __SCHEMA__.subscriptions s
+        WHERE s.table_oid = ANY (rels) AND change_op = ANY (s.ops)
+    ), delivered AS (
+        INSERT INTO __SCHEMA__.queue
+            (change_id, handler, table_name, op, row_key, order_key, new_row, old_row)
+        SELECT cid, sub.handler, sub.tname, change_op,
+               __SCHEMA__.key_of(coalesce(new_img, old_img), pk),
+               CASE WHEN sub.ordered
+                    THEN __SCHEMA__.key_of(coalesce(old_img, new_img), sub.cols) END,
+               new_img, old_img
+        FROM sub ORDER BY sub.handler
+        RETURNING id, handler, order_key
+    ), fenced AS (
+        INSERT INTO __SCHEMA__.queue
+            (change_id, handler, table_name, op, row_key, order_key, run_at, last_error,
+             fence_for)
+        SELECT cid, d.handler, sub.tname, 'FENCE', k.new_key, k.new_key, 'infinity',
+               'fence: holds later events of this key until delivery ' || d.id
+               || ' (an UPDATE that changed the key) is handled', d.id
+        FROM delivered d
+        JOIN sub ON sub.handler = d.handler
+        CROSS JOIN LATERAL (SELECT __SCHEMA__.key_of(new_img, sub.cols) AS new_key) k
+        WHERE change_op = 'UPDATE' AND d.order_key IS NOT NULL AND k.new_key IS NOT NULL
+          AND k.new_key <> d.order_key
+        RETURNING 1
+    )
+    SELECT count(*) INTO n FROM delivered;
+    IF n > 0 THEN
+        PERFORM __SCHEMA__.ring();
+    END IF;
+END
+$$;
+
+-- UPDATE of a plain table, per row (transition tables do not pair old and new rows).
+CREATE OR REPLACE FUNCTION __SCHEMA__.capture_update() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM __SCHEMA__.enqueue_row(
+        ARRAY[TG_RELID], 'UPDATE', to_jsonb(NEW), to_jsonb(OLD), TG_ARGV);
+    RETURN NULL;
+END
+$$;
+
+-- Every row change of a partitioned table. A row trigger on the partitioned table is cloned
+-- onto each partition, present and attached later, and fires for changes made through the
+-- partition itself too: each is reported as the watched table it belongs to. An UPDATE that
+-- moves a row to another partition is, to triggers, a DELETE from one and an INSERT into the
+-- other, and is reported so.
+CREATE FUNCTION __SCHEMA__.capture_row() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM __SCHEMA__.enqueue_row(
+        ARRAY(SELECT relid FROM pg_partition_ancestors(TG_RELID)), TG_OP,
+        to_jsonb(NEW), to_jsonb(OLD), TG_ARGV);
+    RETURN NULL;
+END
+$$;
+
+-- TRUNCATE, once per statement: an event for handlers subscribed to it (key NULL, or the
+-- partition's name when only a partition was emptied), a WARNING to the truncating session
+-- naming the handlers that are not. TRUNCATE of a partitioned table fires this on it and then
+-- on every partition: the first call notes the partitions in a transaction-local setting, and
+-- their calls stay silent.
+CREATE FUNCTION __SCHEMA__.capture_truncate() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    rels oid[] := ARRAY[TG_RELID] || ARRAY(SELECT relid FROM pg_partition_ancestors(TG_RELID));
+    covered text := coalesce(current_setting('pgreact.truncated', true), '');
+    mark text := ',' || TG_RELID::text || ',';
+    cid bigint;
+    n bigint;
+    deaf text;
+BEGIN
+    IF strpos(covered, mark) > 0 THEN
+        PERFORM set_config('pgreact.truncated', replace(covered, mark, ','), true);
+        RETURN NULL;
+    END IF;
+    PERFORM set_config('pgreact.truncated', covered || ',' || array_to_string(ARRAY(
+        SELECT relid FROM pg_partition_tree(TG_RELID) WHERE relid <> TG_RELID), ',') || ',', true);
+    cid := nextval('__SCHEMA__.change_id_seq');
+    INSERT INTO __SCHEMA__.queue (change_id, handler, table_name, op, row_key)
+    SELECT cid, s.handler, s.table_schema || '.' || s.table_name, 'TRUNCATE',
+           CASE WHEN s.table_oid <> TG_RELID THEN TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME END
+    FROM __SCHEMA__.subscriptions s
+    WHERE s.table_oid = ANY (rels) AND 'TRUNCATE' = ANY (s.ops)
+    ORDER BY s.handler;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    SELECT string_agg(s.handler, ', ' ORDER BY s.handler) INTO deaf
+    FROM __SCHEMA__.subscriptions s
+    WHERE s.table_oid = ANY (rels) AND NOT 'TRUNCATE' = ANY (s.ops);
+    IF deaf IS NOT NULL THEN
+        -- (no format placeholders: install runs this text through drivers that read them)
+        RAISE WARNING USING
+            MESSAGE = 'pgreact: TRUNCATE of ' || TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME
+                || ' is not delivered to handler(s) ' || deaf
+                || ' (their ops do not include TRUNCATE)',
+            HINT = 'What they derived from this table may now be stale: rebuild it, or '
+                'subscribe them with ops=(..., "TRUNCATE").';
+    END IF;
+    IF n > 0 THEN
+        PERFORM __SCHEMA__.ring();
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- Is every subscription still captured? Per subscription: the name it was installed with, the
+-- table's name now (NULL: dropped), and what is missing: ops whose trigger is absent, disabled
+-- or of the wrong kind, and 'TRUNCATE on <partition>' for partitions without one.
+CREATE FUNCTION __SCHEMA__.capture_state()
+RETURNS TABLE (handler text, installed_as text, current_name text, missing text[])
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT s.handler, s.table_schema || '.' || s.table_name, n.nspname || '.' || c.relname,
+           CASE WHEN c.oid IS NOT NULL THEN ARRAY(
+               SELECT o FROM unnest(s.ops || '{TRUNCATE}'::text[]) WITH ORDINALITY u(o, i)
+               WHERE NOT EXISTS (
+                   SELECT 1 FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+                   WHERE t.tgrelid = c.oid AND t.tgenabled <> 'D'
+                     AND p.pronamespace = '__SCHEMA__'::regnamespace
+                     AND p.proname = CASE WHEN o = 'TRUNCATE' THEN 'capture_truncate'
+                                          WHEN c.relkind = 'p' THEN 'capture_row'
+                                          ELSE 'capture_' || lower(o) END
+                     AND t.tgtype & CASE o WHEN 'INSERT' THEN 4 WHEN 'DELETE' THEN 8
+                                           WHEN 'UPDATE' THEN 16 ELSE 32 END <> 0)
+               GROUP BY o ORDER BY min(i)
+           ) || ARRAY(
+               SELECT 'TRUNCATE on ' || pn.nspname || '.' || pc.relname
+               FROM pg_partition_tree(c.oid) pt
+               JOIN pg_class pc ON pc.oid = pt.relid
+               JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+               WHERE pt.relid <> c.oid AND NOT EXISTS (
+                   SELECT 1 FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+                   WHERE t.tgrelid = pt.relid AND t.tgenabled <> 'D' AND t.tgtype & 32 <> 0
+                     AND p.pronamespace = '__SCHEMA__'::regnamespace
+                     AND p.proname = 'capture_truncate')
+               ORDER BY 1
+           ) END
+    FROM __SCHEMA__.subscriptions s
+    LEFT JOIN pg_class c ON c.oid = s.table_oid
+    LEFT JOIN pg_namespace n ON n.oid = c.relnamespace
+    ORDER BY s.handler
+$$;
+
+-- Remove fences whose delivery was handled (deleted) or dead-lettered; returns how many.
+CREATE FUNCTION __SCHEMA__.release_fences() RETURNS bigint
+LANGUAGE sql AS $$
+    WITH gone AS (
+        DELETE FROM __SCHEMA__.queue f
+        WHERE f.dead_at IS NULL AND f.last_error IS NOT NULL AND f.fence_for IS NOT NULL
+          AND NOT EXISTS (
+              SELECT 1 FROM __SCHEMA__.queue r WHERE r.id = f.fence_for AND r.dead_at IS NULL)
+        RETURNING 1
+    )
+    SELECT count(*) FROM gone
+$$;
+
+-- Nobody but the owner and the roles it grants to (`pgreact install --print-grants ROLE`)
+-- reads or writes pgreact's objects: writers of watched tables need nothing here, capture runs
+-- as the owner (SECURITY DEFINER, with a search_path nobody else can put objects into).
+REVOKE ALL ON SCHEMA __SCHEMA__ FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA __SCHEMA__ FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA __SCHEMA__ FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA __SCHEMA__ FROM PUBLIC;
