@@ -13,20 +13,30 @@
 #
 # Handlers live in your own image: FROM this one, add your package (see docs/operations.md).
 # Checked by hadolint and tests/test_deploy.py.
+#
+# Reproducible: both stages use the same base pinned by digest, and every dependency is installed
+# at the version in constraints.txt (what the tests ran with; `python3 scripts/dev.py lock`).
+# The digest is the one several public repositories pin python:3.11.11-slim-bookworm to (found
+# with a code search of GitHub; one notes it came from `docker inspect` RepoDigests, i.e. the
+# multi-arch index), not read from Docker Hub when it was written here.
+# Verify or refresh it, then change both FROM lines and the base.digest label:
+#   docker buildx imagetools inspect python:3.11.11-slim-bookworm --format '{{json .Manifest.Digest}}'
+#   (or: crane digest python:3.11.11-slim-bookworm)
 
-FROM python:3.11.11-slim-bookworm AS build
+FROM python:3.11.11-slim-bookworm@sha256:081075da77b2b55c23c088251026fb69a7b2bf92471e491ff5fd75c192fd38e5 AS build
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE constraints.txt ./
 COPY listeners ./listeners
 COPY service ./service
 
-# Binary wheels only for the dependencies; pgreact itself is pure Python and built here.
-RUN pip wheel --wheel-dir /wheels --only-binary=:all: ".[speed]"
+# Binary wheels only for the dependencies, at the versions in constraints.txt; pgreact itself is
+# pure Python and built here.
+RUN pip wheel --wheel-dir /wheels --only-binary=:all: --constraint constraints.txt ".[speed]"
 
 # The virtualenv has no pip of its own: the base image's pip installs into it, offline.
 RUN python -m venv --without-pip /opt/pgreact \
@@ -34,7 +44,7 @@ RUN python -m venv --without-pip /opt/pgreact \
     && /opt/pgreact/bin/pgreact --version
 
 
-FROM python:3.11.11-slim-bookworm AS runtime
+FROM python:3.11.11-slim-bookworm@sha256:081075da77b2b55c23c088251026fb69a7b2bf92471e491ff5fd75c192fd38e5 AS runtime
 
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="pgreact" \
@@ -43,7 +53,8 @@ LABEL org.opencontainers.image.title="pgreact" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="https://github.com/pgreact/pgreact" \
       org.opencontainers.image.documentation="https://github.com/pgreact/pgreact/blob/main/docs/operations.md" \
-      org.opencontainers.image.base.name="docker.io/library/python:3.11.11-slim-bookworm"
+      org.opencontainers.image.base.name="docker.io/library/python:3.11.11-slim-bookworm" \
+      org.opencontainers.image.base.digest="sha256:081075da77b2b55c23c088251026fb69a7b2bf92471e491ff5fd75c192fd38e5"
 
 # A fixed numeric user (Kubernetes' runAsNonRoot can verify it); packaging tools go, so the
 # image cannot install anything at run time.

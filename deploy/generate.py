@@ -12,9 +12,11 @@ Standard library only. ``tests/test_deploy.py`` fails while a committed file is 
 ``tests/test_metrics_e2e.py`` runs every panel query against a real Prometheus.
 
 Aggregation rules the panels follow: the database-wide gauges (``pgreact_events_pending``,
-``pgreact_oldest_pending_age_seconds``, ``pgreact_events_dead``, ``pgreact_notify_queue_usage``)
-are reported identically by every replica, so they are combined with ``max``; counters and
-per-process gauges with ``sum``.
+``pgreact_events_waiting_retry``, ``pgreact_oldest_pending_age_seconds``, ``pgreact_events_dead``,
+``pgreact_capture_broken``, ``pgreact_notify_queue_usage``) are reported identically by every
+replica, so they are combined with ``max``; counters and per-process gauges with ``sum``. Panels
+link the runbooks of the alerts they help with; ``tests/test_deploy.py`` checks that every metric
+of ``pgreact.metrics`` is on a panel and every alert's runbook is linked from one.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ SCHEMA_VERSION = 39
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # Every panel query is filtered by the dashboard's variables.
 SEL = 'namespace="$namespace", pod=~"$pod"'
+RUNBOOKS = "https://github.com/pgreact/pgreact/blob/main/docs/runbooks.md"
 RATE = "$__rate_interval"
 QUANTILES = (0.5, 0.95, 0.99)
 
@@ -61,6 +64,8 @@ class Panel:
     max: float | None = None
     stepped: bool = False
     thresholds: tuple[tuple[float, str], ...] = ()
+    # Alerts whose runbooks this panel helps with: linked from the panel's header.
+    runbooks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,7 @@ ROWS: tuple[Row, ...] = (
                 kind="stat",
                 width=4,
                 height=4,
+                runbooks=("PgreactNoReadyReplicas", "PgreactTargetDown", "PgreactMetricsAbsent"),
             ),
             Panel(
                 "Listeners connected",
@@ -100,6 +106,7 @@ ROWS: tuple[Row, ...] = (
                 kind="stat",
                 width=4,
                 height=4,
+                runbooks=("PgreactListenerDisconnected",),
             ),
             Panel(
                 "Events handled /s",
@@ -123,6 +130,7 @@ ROWS: tuple[Row, ...] = (
                 kind="stat",
                 width=4,
                 height=4,
+                runbooks=("PgreactBacklogGrowing",),
             ),
             Panel(
                 "Dead letters",
@@ -132,6 +140,7 @@ ROWS: tuple[Row, ...] = (
                 width=4,
                 height=4,
                 thresholds=((1, "red"),),
+                runbooks=("PgreactDeadLetters",),
             ),
             Panel(
                 "Version",
@@ -221,6 +230,32 @@ ROWS: tuple[Row, ...] = (
                         "{{handler}}",
                     ),
                 ),
+                runbooks=("PgreactBacklogGrowing",),
+            ),
+            Panel(
+                "Waiting for retry by handler",
+                "Live events in retry back-off (their next attempt is not due yet), "
+                "database-wide. No added replica can run them sooner.",
+                (
+                    Target(
+                        f"max by (handler) (pgreact_events_waiting_retry{{{SEL}}})",
+                        "{{handler}}",
+                    ),
+                ),
+                runbooks=("PgreactHandlerFailureRatioHigh",),
+            ),
+            Panel(
+                "Runnable now (what KEDA scales on)",
+                "Pending minus waiting for retry, summed over handlers: the ScaledObject's "
+                "query, one replica per 500.",
+                (
+                    Target(
+                        f"sum(max by (handler) (pgreact_events_pending{{{SEL}}}) - "
+                        f"max by (handler) (pgreact_events_waiting_retry{{{SEL}}}))",
+                        "runnable",
+                    ),
+                ),
+                runbooks=("PgreactBacklogGrowing",),
             ),
             Panel(
                 "Oldest pending event age by handler",
@@ -233,6 +268,19 @@ ROWS: tuple[Row, ...] = (
                 ),
                 unit="s",
                 thresholds=((600, "orange"),),
+                runbooks=("PgreactOldestPendingTooOld",),
+            ),
+            Panel(
+                "Capture broken by handler",
+                "1 while a handler's table is gone, renamed or lacks pgreact's capture triggers: "
+                "its changes are not recorded (`pgreact check` says what to do).",
+                (Target(f"max by (handler) (pgreact_capture_broken{{{SEL}}})", "{{handler}}"),),
+                width=24,
+                min=0,
+                max=1,
+                stepped=True,
+                thresholds=((1, "red"),),
+                runbooks=("PgreactCaptureBroken",),
             ),
         ),
     ),
@@ -244,6 +292,7 @@ ROWS: tuple[Row, ...] = (
                 "Events that failed PGREACT_MAX_ATTEMPTS times; `pgreact dead list|retry|purge`.",
                 (Target(f"max by (handler) (pgreact_events_dead{{{SEL}}})", "{{handler}}"),),
                 thresholds=((1, "red"),),
+                runbooks=("PgreactDeadLetters",),
             ),
             Panel(
                 "Failed attempts /s by handler",
@@ -256,6 +305,63 @@ ROWS: tuple[Row, ...] = (
                     ),
                 ),
                 unit="ops",
+                runbooks=("PgreactHandlerFailureRatioHigh",),
+            ),
+        ),
+    ),
+    Row(
+        "Recovery",
+        (
+            Panel(
+                "Transient database errors /s by handler",
+                "Lost connections, serialization failures and deadlocks, retried without "
+                "spending an attempt.",
+                (
+                    Target(
+                        f"sum by (handler) (rate(pgreact_transient_errors_total{{{SEL}}}[{RATE}]))",
+                        "{{handler}}",
+                    ),
+                ),
+                unit="ops",
+                runbooks=("PgreactTransientErrors",),
+            ),
+            Panel(
+                "Lease conflicts /s by handler",
+                "Transactions rolled back because another process had taken their events over "
+                "(after a stall longer than the lease).",
+                (
+                    Target(
+                        f"sum by (handler) (rate(pgreact_lease_conflicts_total{{{SEL}}}[{RATE}]))",
+                        "{{handler}}",
+                    ),
+                ),
+                unit="ops",
+            ),
+            Panel(
+                "Claims reaped by handler",
+                "Claims taken back from processes that died holding them: repeated reaping is "
+                "a crash loop.",
+                (
+                    Target(
+                        "sum by (handler) "
+                        f"(increase(pgreact_claims_reaped_total{{{SEL}}}[{RATE}]))",
+                        "{{handler}}",
+                    ),
+                ),
+                runbooks=("PgreactClaimsReaped",),
+            ),
+            Panel(
+                "Container restarts by pod",
+                "Restarts of the pgreact container (kube-state-metrics): crashes, OOM kills, "
+                "failed liveness probes.",
+                (
+                    Target(
+                        "sum by (pod) (increase(kube_pod_container_status_restarts_total"
+                        f'{{{SEL}, container="pgreact"}}[{RATE}]))',
+                        "{{pod}}",
+                    ),
+                ),
+                runbooks=("PgreactClaimsReaped", "PgreactNoReadyReplicas"),
             ),
         ),
     ),
@@ -267,9 +373,11 @@ ROWS: tuple[Row, ...] = (
                 "1 while the pod's dedicated LISTEN connection is up; a pod without it is not "
                 "ready.",
                 (Target(f"max by (pod) (pgreact_listener_connected{{{SEL}}})", "{{pod}}"),),
+                width=8,
                 min=0,
                 max=1,
                 stepped=True,
+                runbooks=("PgreactListenerDisconnected",),
             ),
             Panel(
                 "Listener reconnects by pod",
@@ -281,6 +389,22 @@ ROWS: tuple[Row, ...] = (
                         "{{pod}}",
                     ),
                 ),
+                width=8,
+                runbooks=("PgreactListenerDisconnected",),
+            ),
+            Panel(
+                "Notifications dropped by channel",
+                "on_notify notifications dropped because the handler's queue was full (they are "
+                "gone: at most once).",
+                (
+                    Target(
+                        "sum by (channel) "
+                        f"(increase(pgreact_notifications_dropped_total{{{SEL}}}[{RATE}]))",
+                        "{{channel}}",
+                    ),
+                ),
+                width=8,
+                runbooks=("PgreactNotificationsDropped",),
             ),
         ),
     ),
@@ -297,17 +421,40 @@ ROWS: tuple[Row, ...] = (
                         "{{state}}",
                     ),
                 ),
+                runbooks=("PgreactPoolSaturated",),
             ),
             Panel(
-                "Connections in use by pod",
-                "Checked-out write-pool connections per pod; near PGREACT_POOL_SIZE + "
-                "PGREACT_MAX_OVERFLOW means the pool limits throughput.",
+                "Idle connections by pod",
+                "Idle write-pool connections per pod; none for minutes means the pool limits "
+                "throughput (handler transactions in flight are at most PGREACT_POOL_SIZE - 1).",
                 (
                     Target(
-                        f'sum by (pod) (pgreact_db_pool_connections{{{SEL}, state="checked_out"}})',
+                        f'sum by (pod) (pgreact_db_pool_connections{{{SEL}, state="idle"}})',
                         "{{pod}}",
                     ),
                 ),
+                runbooks=("PgreactPoolSaturated",),
+            ),
+        ),
+    ),
+    Row(
+        "Process",
+        (
+            Panel(
+                "CPU by pod",
+                "CPU seconds per second of each pgreact process (1 = one core).",
+                (
+                    Target(
+                        f"sum by (pod) (rate(process_cpu_seconds_total{{{SEL}}}[{RATE}]))",
+                        "{{pod}}",
+                    ),
+                ),
+            ),
+            Panel(
+                "Resident memory by pod",
+                "Resident memory of each pgreact process; compare with the container's limit.",
+                (Target(f"sum by (pod) (process_resident_memory_bytes{{{SEL}}})", "{{pod}}"),),
+                unit="bytes",
             ),
         ),
     ),
@@ -323,6 +470,7 @@ ROWS: tuple[Row, ...] = (
                 width=24,
                 max=1,
                 thresholds=((0.5, "orange"), (0.8, "red")),
+                runbooks=("PgreactNotifyQueueUsageHigh",),
             ),
         ),
     ),
@@ -375,6 +523,14 @@ def _panel_json(panel: Panel, panel_id: int, x: int, y: int) -> Json:
         "type": panel.kind,
         "title": panel.title,
         "description": panel.description,
+        "links": [
+            {
+                "title": f"Runbook: {alert}",
+                "url": f"{RUNBOOKS}#{alert.lower()}",
+                "targetBlank": True,
+            }
+            for alert in panel.runbooks
+        ],
         "datasource": DATASOURCE,
         "gridPos": {"h": panel.height, "w": panel.width, "x": x, "y": y},
         "fieldConfig": {"defaults": defaults, "overrides": []},
@@ -477,8 +633,8 @@ def dashboard() -> Json:
     return {
         "uid": "pgreact",
         "title": "pgreact",
-        "description": "pgreact: throughput, latency, backlog, dead letters, listener, pool and "
-        "NOTIFY queue. Generated by deploy/generate.py; edit that, not this file.",
+        "description": "pgreact: throughput, latency, backlog, dead letters, recovery, listener, "
+        "pool and NOTIFY queue. Generated by deploy/generate.py; edit that, not this file.",
         "tags": ["pgreact", "postgresql"],
         "timezone": "browser",
         "editable": True,
@@ -491,7 +647,16 @@ def dashboard() -> Json:
         "timepicker": {},
         "fiscalYearStartMonth": 0,
         "weekStart": "",
-        "links": [],
+        "links": [
+            {
+                "title": "Runbooks",
+                "type": "link",
+                "url": RUNBOOKS,
+                "icon": "doc",
+                "targetBlank": True,
+                "tooltip": "One section per pgreact alert",
+            }
+        ],
         "annotations": {
             "list": [
                 {

@@ -3,9 +3,12 @@
 
     python3 scripts/dev.py demo   # venv + install + `pgreact demo` on an embedded PostgreSQL
     python3 scripts/dev.py test   # venv + install + test tools + ruff + mypy + pytest
+    python3 scripts/dev.py lock   # rewrite constraints.txt from what .venv has installed
 
 Both create ``.venv`` beside the project on first use and reinstall only when ``pyproject.toml``
-changed. Extra arguments after ``test`` go to pytest; after ``demo``, to ``pgreact demo``.
+or ``constraints.txt`` changed; every dependency is installed at the version constraints.txt
+pins (the Dockerfile installs with it too). Extra arguments after ``test`` go to pytest; after
+``demo``, to ``pgreact demo``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("PGREACT_VENV", ROOT / ".venv"))
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / "python"
+CONSTRAINTS = ROOT / "constraints.txt"
 
 
 def sh(*args: str | Path, env: dict[str, str] | None = None) -> None:
@@ -39,12 +43,37 @@ def ensure_venv(extras: str) -> None:
         print(f"creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
     stamp = VENV / f".pgreact-installed-{extras.replace(',', '-')}"
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    inputs = [ROOT / "pyproject.toml", CONSTRAINTS]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in inputs if p.exists())).hexdigest()
     if stamp.exists() and stamp.read_text() == digest:
         return
     sh(PY, "-m", "pip", "install", "--quiet", "--upgrade", "pip")
-    sh(PY, "-m", "pip", "install", "--quiet", "-e", f"{ROOT}[{extras}]")
+    pins = ["--constraint", CONSTRAINTS] if CONSTRAINTS.exists() else []
+    sh(PY, "-m", "pip", "install", "--quiet", *pins, "-e", f"{ROOT}[{extras}]")
     stamp.write_text(digest)
+
+
+LOCK_HEADER = """\
+# Pinned versions of every package the development virtualenv installs (all extras: test, demo,
+# speed, bench), pgreact itself excluded. scripts/dev.py and the Dockerfile install with
+# `pip install --constraint constraints.txt ...`, so CI, the image and your .venv agree.
+# Regenerate after changing dependencies in pyproject.toml: python3 scripts/dev.py lock
+"""
+
+
+def lock(args: list[str] | None = None) -> None:
+    """constraints.txt from what the virtualenv has: upgrade it first to move the pins."""
+    ensure_venv(TEST_EXTRAS)
+    frozen = subprocess.run(  # noqa: S603
+        [str(PY), "-m", "pip", "freeze", "--exclude-editable", "--exclude", "pgreact"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    pins = sorted(frozen.splitlines(), key=str.lower)
+    CONSTRAINTS.write_text(LOCK_HEADER + "\n".join(pins) + "\n")
+    print(f"wrote {CONSTRAINTS.relative_to(ROOT)} ({len(pins)} pins)", flush=True)
 
 
 def demo(args: list[str]) -> None:
@@ -88,9 +117,9 @@ def test(args: list[str]) -> None:
 
 
 def main() -> None:
-    commands = {"demo": demo, "test": test, "lint": lint}
+    commands = {"demo": demo, "test": test, "lint": lint, "lock": lock}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
-        sys.exit(f"usage: {sys.argv[0]} {{demo|test|lint}} [args…]")
+        sys.exit(f"usage: {sys.argv[0]} {{demo|test|lint|lock}} [args…]")
     commands[sys.argv[1]](sys.argv[2:])
 
 

@@ -16,6 +16,8 @@ from tests.deploy_support.tools import ROOT
 DASHBOARD = ROOT / "deploy" / "grafana" / "pgreact.json"
 RULES = ROOT / "deploy" / "prometheus" / "pgreact.rules.yml"
 SCALED_OBJECT = ROOT / "k8s" / "overlays" / "prod" / "scaledobject.yaml"
+# What a scrape's samples are called, by the family type prometheus_client reports.
+_SAMPLE_SUFFIX = {"counter": "_total", "histogram": "_bucket"}
 
 _VARIABLE = re.compile(r"\$(?:\{(\w+)(?::\w+)?\}|(\w+))")
 
@@ -90,3 +92,18 @@ def keda_queries(path: Path = SCALED_OBJECT) -> list[Query]:
         for i, trigger in enumerate(scaled["spec"]["triggers"])
         if trigger["type"] == "prometheus"
     ]
+
+
+def exported_metrics() -> dict[str, str]:
+    """Every ``pgreact_*`` metric :mod:`pgreact.metrics` declares, as the series name queries
+    use (counters with ``_total``, histograms by their ``_bucket`` series), mapped to its type.
+    The standard process and platform collectors are left out."""
+    from pgreact.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.observe_pool(lambda: None)  # the pool's collector is registered by the daemon
+    return {
+        family.name + _SAMPLE_SUFFIX.get(family.type, ""): family.type
+        for family in metrics.registry.collect()
+        if family.name.startswith("pgreact_")
+    }
