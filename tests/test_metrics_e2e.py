@@ -2,10 +2,12 @@
 
 The daemon runs in process against the test server; a Prometheus (Debian package) on loopback
 scrapes it every second, with the same target labels the PodMonitor gives in Kubernetes
-(``job="pgreact"``, ``namespace``, ``pod``) and with the alert rules loaded. After real changes,
-every dashboard panel query, every alert expression and the KEDA query are evaluated through
+(``job="pgreact"``, ``namespace``, ``pod``) and with the alert rules loaded, plus a fixed
+kube-state-metrics exposition for the pods (restarts, readiness). After real changes, every
+dashboard panel query, every alert expression and the KEDA query are evaluated through
 Prometheus's HTTP API: each must parse, each panel query must return data, every rule must
-evaluate healthily. ``promtool check metrics`` must find nothing to report in a scrape.
+evaluate healthily, and every metric :mod:`pgreact.metrics` declares must be scraped.
+``promtool check metrics`` must find nothing to report in a scrape.
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ from tests.deploy_support.prometheus import (
     finite_values,
     free_port,
     running_prometheus,
+    static_exporter,
 )
 from tests.deploy_support.queries import (
     RULES,
     dashboard_queries,
     dashboard_variables,
+    exported_metrics,
     keda_queries,
     rule_queries,
     substitute,
@@ -47,21 +51,6 @@ pytestmark = pytest.mark.anyio
 NAMESPACE = "pgreact"  # the prod overlay's namespace: the KEDA query runs unchanged
 ROWS = 200
 PICKY_FAILS = ROWS // 10  # rows whose v is a multiple of ten
-
-CONTRACT_METRICS = (
-    "pgreact_notifications_received_total",
-    "pgreact_events_handled_total",
-    "pgreact_handler_duration_seconds_bucket",
-    "pgreact_event_lag_seconds_bucket",
-    "pgreact_events_pending",
-    "pgreact_oldest_pending_age_seconds",
-    "pgreact_events_dead",
-    "pgreact_listener_connected",
-    "pgreact_listener_reconnects_total",
-    "pgreact_notify_queue_usage",
-    "pgreact_db_pool_connections",
-    "pgreact_build_info",
-)
 
 
 @contextlib.asynccontextmanager
@@ -127,8 +116,31 @@ def e2e_prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2EProm
         for driver, port in ports.items()
     ]
     workdir = tmp_path_factory.mktemp("prometheus")
-    with running_prometheus(binary, workdir, targets, [RULES]) as url:
-        yield E2EPrometheus(url, ports)
+    with static_exporter(_kube_state_metrics()) as ksm:
+        # Its series carry their own namespace and pod, so the target gets no such labels.
+        targets.append(ScrapeTarget(job="kube-state-metrics", address=ksm, labels={}))
+        with running_prometheus(binary, workdir, targets, [RULES]) as url:
+            yield E2EPrometheus(url, ports)
+
+
+def _kube_state_metrics() -> str:
+    """What kube-state-metrics reports for the test's pods: ready, never restarted."""
+    lines = [
+        "# TYPE kube_pod_container_status_restarts_total counter",
+        *(
+            f'kube_pod_container_status_restarts_total{{namespace="{NAMESPACE}",'
+            f'pod="{pod_of(d)}",container="pgreact"}} 0'
+            for d in DRIVERS
+        ),
+        "# TYPE kube_pod_status_ready gauge",
+        *(
+            f'kube_pod_status_ready{{namespace="{NAMESPACE}",pod="{pod_of(d)}",'
+            f'condition="{c}"}} {int(c == "true")}'
+            for d in DRIVERS
+            for c in ("true", "false", "unknown")
+        ),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 async def test_dashboard_alert_and_keda_queries_on_real_metrics(
@@ -256,4 +268,5 @@ async def _check_rules_and_keda(prom: Prometheus, prefix: str) -> None:
 
 async def _check_every_contract_metric_scraped(prom: Prometheus, pod: str) -> None:
     names = set(await prom.label_values("__name__", f'{{job="pgreact", pod="{pod}"}}'))
-    assert set(CONTRACT_METRICS) <= names, set(CONTRACT_METRICS) - names
+    declared = set(exported_metrics())
+    assert declared <= names, declared - names

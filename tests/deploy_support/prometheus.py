@@ -8,10 +8,12 @@ through :class:`Prometheus`, a small async client of its HTTP API.
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import math
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -162,3 +164,32 @@ def _ready(url: str) -> bool:
 
 def _tail(log_path: Path) -> str:
     return log_path.read_text(errors="replace")[-3000:]
+
+
+@contextlib.contextmanager
+def static_exporter(exposition: str) -> Iterator[str]:
+    """Serve a fixed Prometheus text exposition on a free loopback port (another exporter's
+    series, e.g. kube-state-metrics', for queries that join pgreact's with them); yields the
+    ``host:port`` to scrape."""
+    body = exposition.encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return None
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, name="static-exporter", daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
