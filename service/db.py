@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import socket
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +71,25 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, sqlalchemy.exc.InterfaceError | sqlalchemy.exc.OperationalError):
         return True
     return isinstance(exc, ConnectionError | OSError)
+
+
+def handler_failure_is_transient(exc: BaseException, info: dict[Any, Any], *, alive: bool) -> bool:
+    """Whether a failed handler call is database trouble rather than the event's fault.
+
+    Everything a handler raises is an attempt, with two exceptions: the connection of its session
+    died under it (``alive`` False: whatever the handler made of that), or a statement it sent
+    through its session failed with a transient error (a serialization failure, a deadlock). The
+    second is known by identity: the error SQLAlchemy saw on this connection (``info``, see
+    ``_recognise_disconnects``) is the one raised, or what it was raised from. An ``OSError`` of
+    the handler's own (an HTTP client refused, another database down) is not ours to retry.
+    """
+    if isinstance(exc, TimeoutError):  # the handler ran out of time: its own doing
+        return False
+    if not alive:
+        return True
+    ref = info.get(_LAST_ERROR)
+    seen = ref() if ref is not None else None
+    return seen is not None and any(e is seen for e in _chain(exc)) and is_transient(seen)
 
 
 def connection_is_suspect(exc: BaseException) -> bool:
@@ -151,6 +173,16 @@ class WriteTimeouts:
         )
 
 
+# Prepared statements (asyncpg caches every statement it runs; psycopg prepares those it runs
+# five times) are planned afresh on every execution. After five runs the server may otherwise
+# cache a *generic* plan, costed against the table as it was then: the claim, prepared while the
+# queue was empty, kept a sequential scan with a nested sequential NOT EXISTS after a bulk load,
+# quadratic in the backlog (14.7 s per claim at 10k rows). Planning the claim costs well under a
+# millisecond. Without server-side prepared statements (``PGREACT_POOLER``), every statement is
+# unnamed and planned with its parameters anyway.
+PLAN_CACHE_MODE = "force_custom_plan"
+
+
 def write_connect_args(
     settings: Settings, *, application_name: str | None = None
 ) -> dict[str, Any]:
@@ -186,6 +218,9 @@ def write_connect_args(
             server_settings |= {
                 "statement_timeout": str(limits.statement_ms),
                 "idle_in_transaction_session_timeout": str(limits.idle_in_transaction_ms),
+                # Through ``options``, like psycopg: a pooler configured to ignore ``options``
+                # and the timeouts (a common PgBouncer set-up) then also ignores this one.
+                "options": f"-c plan_cache_mode={PLAN_CACHE_MODE}",
             }
         args = {
             "server_settings": server_settings,
@@ -212,7 +247,8 @@ def write_connect_args(
         else:
             args["options"] = (
                 f"-c statement_timeout={limits.statement_ms} "
-                f"-c idle_in_transaction_session_timeout={limits.idle_in_transaction_ms}"
+                f"-c idle_in_transaction_session_timeout={limits.idle_in_transaction_ms} "
+                f"-c plan_cache_mode={PLAN_CACHE_MODE}"
             )
     return {k: v for k, v in args.items() if k not in given}
 
@@ -248,20 +284,61 @@ _STATEMENTS_SENT = "pgreact_statements_sent"
 
 
 def count_statements(engine: AsyncEngine) -> None:
-    """Count the statements sent on each of ``engine``'s connections (idempotent)."""
-    if not event.contains(engine.sync_engine, "before_cursor_execute", _count_statement):
-        event.listen(engine.sync_engine, "before_cursor_execute", _count_statement)
+    """Count the statements sent on each of ``engine``'s connections, and note a transaction
+    ended through SQLAlchemy (see :func:`transaction_ended`) (idempotent)."""
+    sync = engine.sync_engine
+    if not event.contains(sync, "before_cursor_execute", _count_statement):
+        event.listen(sync, "before_cursor_execute", _count_statement)
+        event.listen(sync, "commit", _note_commit)
+        event.listen(sync, "rollback", _note_rollback)
+
+
+# A statement that ends the transaction it runs in: COMMIT, END, COMMIT AND CHAIN, ROLLBACK,
+# ABORT, PREPARE TRANSACTION; not ROLLBACK TO (a savepoint) nor COMMIT/ROLLBACK PREPARED (they
+# cannot run inside a transaction block). Only its start is looked at: a statement sent through
+# SQLAlchemy is a single command.
+_ENDS_TRANSACTION = re.compile(
+    r"\s*(?:(COMMIT|END)|(ROLLBACK|ABORT)|PREPARE\s+TRANSACTION)\b"
+    r"(?!\s+(?:(?:WORK|TRANSACTION)\s+)?(?:TO|PREPARED)\b)",
+    re.IGNORECASE,
+)
+_TRANSACTION_END = "pgreact_transaction_end"
 
 
 def _count_statement(
     conn: Connection,
     _cursor: object,
-    _statement: str,
+    statement: str,
     _parameters: object,
     _context: object,
     _executemany: bool,
 ) -> None:
-    _bump(conn.info, _STATEMENTS_SENT)
+    info = conn.info
+    _bump(info, _STATEMENTS_SENT)
+    ended = _ENDS_TRANSACTION.match(statement)
+    if ended is not None:
+        how = "COMMIT" if ended.group(1) else "ROLLBACK" if ended.group(2) else "?"
+        info[_TRANSACTION_END] = how
+
+
+def _note_commit(conn: Connection) -> None:
+    conn.info[_TRANSACTION_END] = "COMMIT"
+
+
+def _note_rollback(conn: Connection) -> None:
+    conn.info[_TRANSACTION_END] = "ROLLBACK"
+
+
+def forget_transaction_end(info: dict[Any, Any]) -> None:
+    """A new transaction begins on the connection of ``info``: what ended the last is history."""
+    info.pop(_TRANSACTION_END, None)
+
+
+def transaction_ended(info: dict[Any, Any]) -> str | None:
+    """How a statement sent through SQLAlchemy, or SQLAlchemy itself, ended the transaction on
+    the connection of ``info`` since :func:`forget_transaction_end`: ``"COMMIT"`` (its writes
+    are on the server for good), ``"ROLLBACK"``, ``"?"`` (PREPARE TRANSACTION), or None."""
+    return info.get(_TRANSACTION_END)
 
 
 def note_statement_sent(conn: AsyncConnection) -> None:
@@ -292,6 +369,33 @@ def activity(info: dict[Any, Any]) -> tuple[int | None, int]:
     """(statements sent, times the connection was taken) on the connection of ``info``: a call
     that leaves both as they were, with the first known, wrote nothing."""
     return info.get(_STATEMENTS_SENT), info.get(_CONNECTION_TAKEN, 0)
+
+
+async def connection_alive(conn: AsyncConnection) -> bool:
+    """Whether the driver's connection beneath ``conn`` is still open (no round trip)."""
+    try:
+        if conn.closed or conn.invalidated:
+            return False
+        raw = await conn.get_raw_connection()
+        driver: Any = raw.driver_connection
+    except Exception:
+        return False
+    if conn.dialect.driver == "asyncpg":
+        return not driver.is_closed()
+    return not (driver.closed or driver.broken)
+
+
+def transaction_probe(conn: AsyncConnection) -> Callable[[], bool]:
+    """A synchronous check of whether the driver's connection beneath ``conn`` is still inside a
+    transaction block: asked after every handler call that took the connection."""
+    sync = conn.sync_connection
+    driver: Any = None if sync is None else sync.connection.driver_connection
+    if driver is None:
+        return lambda: True
+    if conn.dialect.driver == "asyncpg":
+        return lambda: bool(driver.is_in_transaction())
+    idle = psycopg.pq.TransactionStatus.IDLE
+    return lambda: bool(driver.info.transaction_status != idle)
 
 
 async def driver_in_transaction(conn: AsyncConnection) -> bool:
@@ -359,3 +463,13 @@ def _recognise_disconnects(context: ExceptionContext) -> None:
         type(e).__name__ in CLIENT_CONNECTION_ERRORS for e in _chain(original)
     ):
         context.is_disconnect = True
+    # Which error a statement of this connection raised: a handler's failure is database trouble
+    # only if it is (or was raised from) this one (see ``handler_failure_is_transient``).
+    # A weak reference: the error's traceback holds the handler's frames.
+    seen = context.sqlalchemy_exception
+    if context.connection is not None and seen is not None:
+        with contextlib.suppress(Exception):  # an invalidated connection may refuse
+            context.connection.info[_LAST_ERROR] = weakref.ref(seen)
+
+
+_LAST_ERROR = "pgreact_last_error"

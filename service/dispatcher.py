@@ -10,6 +10,12 @@ Running a claimed group through its handler, and isolating the events that fail 
 giving up the rest, is the executor's job (``service/executor.py``). Events that failed before
 run alone, so a poison event costs one batch re-run, not ten; crash suspects (events whose
 process died) run one per process at a time, so a crash is charged to nothing else.
+
+A notification is a hint, and anyone who may connect can send one: a handler whose claim found
+nothing leaves further hints waiting for :data:`QUIET_AFTER_EMPTY` seconds (coalesced into one
+wake-up), so that a storm of notifications costs a few claims a second, not one per
+notification. Wake-ups that are not hints (the doorbell found rung when re-armed, a unit that
+freed a key, a retry falling due, the sweep, the listener reconnecting) are never held back.
 """
 
 from __future__ import annotations
@@ -39,12 +45,15 @@ from pgreact.logging import Throttle
 from pgreact.metrics import Metrics
 from pgreact.router import DurableHandler
 from pgreact.store import Claimed, Store
+from pgreact.watchdog import LoopWatchdog
 
 log = structlog.get_logger("pgreact.dispatcher")
 
 CLAIM_FAILED = -1
 CLAIM_TIMEOUT = 30.0  # seconds; a claim takes milliseconds, this only bounds a hung server
 RETRY_MIN, RETRY_MAX = 0.1, 1.0  # seconds between claim attempts while the database is away
+QUIET_AFTER_EMPTY = 0.2
+"""Seconds a handler whose claim found nothing lets notification hints wait (see above)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,20 +62,31 @@ class DispatchConfig:
     batch_size: int = 100
     handler_timeout: float = 30.0
     error_log_interval: float = 30.0
+    watchdog: LoopWatchdog | None = None
 
 
 class Wakeup:
-    """A coalescing doorbell: any number of rings before ``wait`` returns once."""
+    """A coalescing doorbell: any number of rings before ``wait`` returns once. A ring is
+    either a *hint* (a notification: may be held back) or not."""
 
     def __init__(self) -> None:
-        self._event = anyio.Event()
+        self._any = anyio.Event()
+        self._firm = anyio.Event()
 
-    def ring(self) -> None:
-        self._event.set()
+    def ring(self, *, hint: bool = False) -> None:
+        self._any.set()
+        if not hint:
+            self._firm.set()
 
-    async def wait(self) -> None:
-        await self._event.wait()
-        self._event = anyio.Event()
+    async def wait(self, quiet_until: float = 0.0) -> None:
+        """Return after a ring; hints only once ``quiet_until`` (``time.monotonic()``) passed."""
+        delay = quiet_until - time.monotonic()
+        if delay > 0 and not self._firm.is_set():
+            with anyio.move_on_after(delay):
+                await self._firm.wait()
+        await self._any.wait()
+        self._any = anyio.Event()
+        self._firm = anyio.Event()
 
 
 class Dispatcher:
@@ -117,17 +137,20 @@ class Dispatcher:
                 self._retry_at,
                 self._log_error,
                 tracebacks,
+                config.watchdog,
             )
             for h in self._handlers
         }
+        self.claims = 0  # claims made so far (a storm of notifications must not multiply them)
 
     # -- control --------------------------------------------------------------------------
 
-    def wake(self, table: str | None = None) -> None:
-        """Ring the handlers of ``table`` (all handlers when ``None`` or unknown)."""
+    def wake(self, table: str | None = None, *, hint: bool = False) -> None:
+        """Ring the handlers of ``table`` (all handlers when ``None`` or unknown); ``hint``: a
+        notification, which a handler that just found nothing may hold back."""
         names = self._by_table.get(table, ()) if table is not None else ()
         for name in names or self._wakeups:
-            self._wakeups[name].ring()
+            self._wakeups[name].ring(hint=hint)
 
     def stop_claiming(self) -> None:
         self._stopping = True
@@ -144,6 +167,14 @@ class Dispatcher:
     @property
     def busy(self) -> bool:
         return bool(self._units)
+
+    def in_flight(self) -> dict[str, int]:
+        """Per handler, the claims held by units still running."""
+        held: dict[str, int] = {}
+        for unit in self._units.values():
+            name = unit.handler.name
+            held[name] = held.get(name, 0) + len(unit.open_ids)
+        return held
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until :meth:`stop_claiming`; returns once every in-flight unit has finished."""
@@ -195,21 +226,21 @@ class Dispatcher:
         finally:
             self._arming = False
 
-    async def _wait_for_work(self, handler: str, wakeup: Wakeup) -> None:
+    async def _wait_for_work(self, handler: str, wakeup: Wakeup, quiet_until: float) -> None:
         self._idle.add(handler)
         self._check_idle()
         try:
-            await self._wait_for_wakeup(handler, wakeup)
+            await self._wait_for_wakeup(handler, wakeup, quiet_until)
         finally:
             self._idle.discard(handler)
 
-    async def _wait_for_wakeup(self, handler: str, wakeup: Wakeup) -> None:
+    async def _wait_for_wakeup(self, handler: str, wakeup: Wakeup, quiet_until: float) -> None:
         due = self._retry_due[handler]
         if not due:
-            await wakeup.wait()
+            await wakeup.wait(quiet_until)
             return
         with anyio.move_on_after(max(0.0, due[0] - time.monotonic()) + 0.01):
-            await wakeup.wait()
+            await wakeup.wait(quiet_until)
         now = time.monotonic()
         while due and due[0] <= now:
             heapq.heappop(due)
@@ -226,10 +257,11 @@ class Dispatcher:
         limit = handler.max_size if handler.batch else self._config.batch_size
         wakeup = self._wakeups[handler.name]
         retry_delay = RETRY_MIN
+        quiet_until = 0.0  # hints wait until then (the last claim found nothing)
         await self._may_claim.wait()
         async with anyio.create_task_group() as units:
             while not self._stopping:
-                await self._wait_for_work(handler.name, wakeup)
+                await self._wait_for_work(handler.name, wakeup, quiet_until)
                 while not self._stopping:
                     await self._slots.acquire()
                     if self._stopping:
@@ -244,6 +276,8 @@ class Dispatcher:
                         retry_delay = min(RETRY_MAX, retry_delay * 2)
                         continue
                     retry_delay = RETRY_MIN
+                    if claimed == 0:
+                        quiet_until = time.monotonic() + QUIET_AFTER_EMPTY
                     if claimed < limit:
                         break
 
@@ -293,6 +327,7 @@ class Dispatcher:
         which cost the server more than the claims themselves."""
         handler = unit.handler
         async with self._claiming[handler.name]:
+            self.claims += 1
             # At most one crash suspect (an event whose process died before) in flight per
             # process: if it kills the process, nothing else is blamed.
             take_suspect = not self._suspect_inflight

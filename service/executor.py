@@ -26,7 +26,15 @@ RELEASE are two more round trips, which per call, or even per sixteen calls of a
 handler, cost more than re-running the calls before a rare failure.
 
 A transient error (lost connection, serialization failure, …) gives the whole group back with
-its attempts refunded, as does anything the unit cannot finish (see the dispatcher).
+its attempts refunded, as does anything the unit cannot finish (see the dispatcher). Only
+pgreact's own database work, and a handler's statements through its session, can fail
+transiently: whatever else a handler raises (an ``OSError`` of its HTTP client, say) is an
+attempt of its event.
+
+A handler that ends the transaction itself (a raw ``COMMIT``) fails, and is noticed at once: the
+writes of the calls before it in that transaction are committed, so their events are acked
+without running again; a ``ROLLBACK`` (or an end whose kind is unknown) undid them, so they run
+again.
 """
 
 from __future__ import annotations
@@ -40,26 +48,33 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import sqlalchemy.exc
 import structlog
 from sqlalchemy.engine import Transaction
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.ext.asyncio.session import AsyncSessionTransaction
 
-from pgreact.calls import HandlerCalls
+from pgreact.calls import EventLoopBlocked, HandlerCalls
 from pgreact.db import (
+    connection_alive,
     connection_is_suspect,
     discard_after_driver_error,
     driver_disconnect,
     driver_in_transaction,
+    forget_transaction_end,
+    handler_failure_is_transient,
     is_transient,
     note_connection_taken,
+    sqlstate_of,
     statements_sent,
+    transaction_probe,
 )
 from pgreact.errors import HandlerMisuse, LeaseLost
 from pgreact.logging import Throttle
 from pgreact.metrics import HandlerMetrics, observe_many
 from pgreact.router import DurableHandler
 from pgreact.store import Claimed, Store
+from pgreact.watchdog import LoopWatchdog
 
 log = structlog.get_logger("pgreact.dispatcher")
 
@@ -175,6 +190,9 @@ class _Failure:
     blame: int | None  # index into the segment's events, when known
     lost: bool  # the transaction is gone (no savepoint to return to, or a broken connection)
     kept: int = 0  # leading events of the segment whose calls succeeded and whose writes stand
+    transient: bool = False  # database trouble, not the event's fault
+    suspect: bool = False  # the connection's state is unknown: throw it away
+    committed: bool = False  # the handler committed the transaction: ``kept`` are committed
 
 
 def _halves(events: list[Claimed]) -> list[_Segment]:
@@ -197,6 +215,7 @@ class ExecutionContext:
     retry_at: Callable[[str, float], None]  # wake the handler when a retry falls due
     log_error: Callable[[str, str, BaseException], None]  # database trouble, rate-limited
     tracebacks: Throttle  # which failures get their traceback logged
+    watchdog: LoopWatchdog | None = None  # tells a call that blocked the loop from its victims
 
 
 class GroupExecutor:
@@ -212,10 +231,13 @@ class GroupExecutor:
         self._retry_at = context.retry_at
         self._log_error = context.log_error
         self._tracebacks = context.tracebacks
+        self._watchdog = context.watchdog
         self._separate = False  # a transaction per segment (after a COMMIT failed)
         self._savepoints = False  # a segment under a savepoint (after a failure that wrote)
         self._todo: deque[_Segment] = deque()
         self._failures: list[tuple[Claimed, BaseException]] = []
+        # Events whose writes a handler's own COMMIT made permanent: to be acked, not rerun.
+        self._committed: list[Claimed] = []
 
     async def run(self, group: list[Claimed], alone: Sequence[Claimed] = ()) -> None:
         """Run ``group`` through the handler, after each event of ``alone`` on its own (events
@@ -224,13 +246,13 @@ class GroupExecutor:
         self._todo.extend(_Segment([c]) for c in alone)
         if group:
             self._todo.append(_Segment(group))
-        while self._todo or self._failures:
+        while self._todo or self._failures or self._committed:
             await self._transaction()
 
     # -- one transaction --------------------------------------------------------------------
 
     async def _transaction(self) -> None:
-        if not self._todo:
+        if not self._todo and not self._committed:
             await self._record_failures_alone()
             return
         db = await self._conn.get()
@@ -241,6 +263,8 @@ class GroupExecutor:
             await session.connection()  # begins the connection's transaction (no round trip)
             root = _root_transaction(db)
             sent = statements_sent(db.info)
+            forget_transaction_end(db.info)
+            probe = transaction_probe(db)
             while self._todo:
                 segment = self._todo.popleft()
                 if segment.failing and len(segment.events) > 1:
@@ -249,7 +273,7 @@ class GroupExecutor:
                     self._todo.extendleft(reversed(_halves(segment.events)))
                     continue
                 failure = await self._run_segment(
-                    session, db.info, segment, savepoint=bool(done) and self._savepoints
+                    session, db, probe, segment, savepoint=bool(done) and self._savepoints
                 )
                 if failure is None:
                     done.append(segment)
@@ -258,9 +282,16 @@ class GroupExecutor:
                     if self._separate:
                         break
                     continue
-                if is_transient(failure.error):
-                    await self._abandon(session, failure.error)
+                if failure.transient:
+                    await self._abandon(session, failure.error, suspect=True)
                     await self._give_back_transient([*done, segment], failure.error)
+                    return
+                if failure.committed:
+                    # Its COMMIT made what ran before it permanent: ack that, never rerun it.
+                    self._committed += [c for s in done for c in s.events]
+                    self._committed += segment.events[: failure.kept]
+                    self._isolate(segment, failure)
+                    await self._abandon(session, failure.error, suspect=True)
                     return
                 if failure.kept:
                     done.append(_Segment(segment.events[: failure.kept]))
@@ -268,7 +299,7 @@ class GroupExecutor:
                 if failure.lost:
                     # What ran in this transaction is undone: run it again in the next one.
                     self._todo.extendleft(reversed(done))
-                    await self._abandon(session, failure.error)
+                    await self._abandon(session, failure.error, suspect=failure.suspect)
                     return
                 if self._separate and done:
                     break
@@ -280,9 +311,18 @@ class GroupExecutor:
                 await session.end()
 
     async def _run_segment(
-        self, session: AsyncSession, info: dict[Any, Any], segment: _Segment, *, savepoint: bool
+        self,
+        session: AsyncSession,
+        db: AsyncConnection,
+        probe: Callable[[], bool],
+        segment: _Segment,
+        *,
+        savepoint: bool,
     ) -> _Failure | None:
-        calls = HandlerCalls(self._handler, self._timeout, info)
+        info = db.info
+        calls = HandlerCalls(
+            self._handler, self._timeout, info, watchdog=self._watchdog, in_transaction=probe
+        )
         nested = await session.begin_nested() if savepoint else None
         try:
             await calls.run([c.event for c in segment.events], session)
@@ -290,7 +330,17 @@ class GroupExecutor:
                 await nested.commit()  # RELEASE SAVEPOINT
             return None
         except Exception as exc:
-            if calls.untouched and not connection_is_suspect(exc):
+            if calls.ended is not None:
+                # The handler ended the transaction: the savepoint went with it.
+                self._savepoints = True
+                committed = calls.ended == "COMMIT"
+                kept = (calls.blame or 0) if committed and not self._handler.batch else 0
+                return _Failure(exc, calls.blame, True, kept, suspect=True, committed=committed)
+            transient = handler_failure_is_transient(exc, info, alive=await connection_alive(db))
+            suspect = transient or _leaves_connection_unknown(exc)
+            if transient:
+                return _Failure(exc, calls.blame, lost=True, transient=True, suspect=True)
+            if calls.untouched and not suspect:
                 # The failing call sent nothing: the transaction stands, and for an ``on``
                 # handler so do the writes of the calls before it.
                 kept = 0 if self._handler.batch else calls.blame or 0
@@ -301,13 +351,13 @@ class GroupExecutor:
                 except Exception:
                     return _Failure(exc, calls.blame, lost=True)
             self._savepoints = True
-            lost = nested is None or connection_is_suspect(exc)
+            lost = nested is None or suspect
             if not lost and nested is not None:
                 try:
                     await nested.rollback()  # ROLLBACK TO SAVEPOINT
                 except Exception:
-                    lost = True
-            return _Failure(exc, calls.blame, lost)
+                    lost = suspect = True
+            return _Failure(exc, calls.blame, lost, suspect=suspect)
         finally:
             observe_many(self._metrics.duration, calls.durations)
 
@@ -315,8 +365,9 @@ class GroupExecutor:
         """Put the failing event on record, or split the segment to find it."""
         events = segment.events
         blame = failure.blame
-        if len(events) == 1:
-            self._failures.append((events[0], failure.error))
+        if len(events) == 1 or (failure.committed and self._handler.batch):
+            # (A batch call that committed the transaction itself: each of its events fails.)
+            self._failures += [(c, failure.error) for c in events]
             return
         if blame is None or not 0 <= blame < len(events):
             self._todo.extendleft(reversed(_halves(events)))
@@ -345,7 +396,8 @@ class GroupExecutor:
     ) -> None:
         """Settle the transaction's events and commit. ``intact``: the transaction begun for
         them is still the connection's; ``wrote``: statements were sent in it."""
-        ids = _ids(done)
+        committed, self._committed = self._committed, []
+        ids = [c.delivery_id for c in committed] + _ids(done)
         failures, self._failures = self._failures, []
         try:
             db = await session.connection()
@@ -366,6 +418,7 @@ class GroupExecutor:
             return
         except Exception as exc:
             self._failures = failures  # not on record: record them in the next transaction
+            self._committed = committed + self._committed
             await self._abandon(session, exc)
             if is_transient(exc):
                 await self._give_back_transient(done, exc)
@@ -381,10 +434,10 @@ class GroupExecutor:
             return
         self._unit.open_ids.difference_update(ids)
         self._report_failures(failures, recorded)
-        if done:
+        if done or committed:
             self._unit.freed = True
             now = time.time()
-            events = [c for s in done for c in s.events]
+            events = committed + [c for s in done for c in s.events]
             self._metrics.ok.inc(len(events))
             observe_many(self._metrics.lag, [max(0.0, now - c.created) for c in events])
             log.debug("handled", handler=self._handler.name, events=len(events))
@@ -426,16 +479,21 @@ class GroupExecutor:
             raise
         self._report_failures(failures, recorded)
 
-    async def _abandon(self, session: HandlerSession, error: BaseException) -> None:
-        """Roll the transaction back; throw the connection away if its state is unknown."""
+    async def _abandon(
+        self, session: HandlerSession, error: BaseException, *, suspect: bool | None = None
+    ) -> None:
+        """Roll the transaction back; throw the connection away if its state is unknown
+        (``suspect``; by default judged from ``error``, an error of pgreact's own work)."""
+        if suspect is None:
+            suspect = connection_is_suspect(error)
         with anyio.CancelScope(shield=True):
             with contextlib.suppress(Exception):
                 await session.end()
             try:
                 await self._conn.end_transaction()
             except Exception:
-                error = ConnectionError("the rollback failed")  # its state is unknown too
-        if connection_is_suspect(error):
+                suspect = True  # the rollback failed: its state is unknown
+        if suspect:
             await self._conn.discard()
 
     async def _lease_lost(self, session: HandlerSession, ids: list[int], exc: LeaseLost) -> None:
@@ -456,13 +514,15 @@ class GroupExecutor:
         segments = [*segments, *self._todo]
         self._todo.clear()
         failures, self._failures = self._failures, []
+        committed, self._committed = self._committed, []
         self._metrics.transient_errors.inc()
         self._log_error("transient_error", self._handler.name, error)
         ids = _ids(segments)
+        acks = [c.delivery_id for c in committed]  # their writes are committed: never rerun
         db = await self._conn.get()
-        _, recorded = await self._settle(db, [], failures) if failures else (0, [])
+        _, recorded = await self._settle(db, acks, failures) if failures or acks else (0, [])
         await self._store.fail_transient(db, ids, self._unit.token)  # commits
-        self._unit.open_ids.difference_update(ids)
+        self._unit.open_ids.difference_update(ids + acks)
         self._report_failures(failures, recorded)
         self._retry_at(self._handler.name, self._store.retry_base)
 
@@ -505,9 +565,17 @@ class GroupExecutor:
             )
 
     def _describe(self, error: BaseException) -> str:
-        if isinstance(error, TimeoutError):
+        if isinstance(error, TimeoutError) and not isinstance(error, EventLoopBlocked):
             return f"handler timed out after {self._timeout:g} s (PGREACT_HANDLER_TIMEOUT)"
         return describe(error)
+
+
+def _leaves_connection_unknown(error: BaseException) -> bool:
+    """After a handler's failure, whether its connection may be in an unknown state: a call
+    cancelled mid-statement, or the driver itself unhappy (no SQLSTATE)."""
+    if isinstance(error, TimeoutError):
+        return True
+    return isinstance(error, sqlalchemy.exc.DBAPIError) and sqlstate_of(error) is None
 
 
 def _root_transaction(db: AsyncConnection) -> Transaction | None:
