@@ -133,7 +133,7 @@ CREATE FUNCTION __SCHEMA__.capture_row() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM __SCHEMA__.enqueue_row(
-        ARRAY(SELECT relid FROM pg_partition_ancestors(TG_RELID)), TG_OP,
+        ARRAY(SELECT relid::oid FROM pg_partition_ancestors(TG_RELID)), TG_OP,
         to_jsonb(NEW), to_jsonb(OLD), TG_ARGV);
     RETURN NULL;
 END
@@ -147,7 +147,8 @@ $$;
 CREATE FUNCTION __SCHEMA__.capture_truncate() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    rels oid[] := ARRAY[TG_RELID] || ARRAY(SELECT relid FROM pg_partition_ancestors(TG_RELID));
+    rels oid[] := ARRAY[TG_RELID] || ARRAY(
+        SELECT relid::oid FROM pg_partition_ancestors(TG_RELID));
     covered text := coalesce(current_setting('pgreact.truncated', true), '');
     mark text := ',' || TG_RELID::text || ',';
     cid bigint;
@@ -159,7 +160,8 @@ BEGIN
         RETURN NULL;
     END IF;
     PERFORM set_config('pgreact.truncated', covered || ',' || array_to_string(ARRAY(
-        SELECT relid FROM pg_partition_tree(TG_RELID) WHERE relid <> TG_RELID), ',') || ',', true);
+        SELECT relid::oid FROM pg_partition_tree(TG_RELID) WHERE relid <> TG_RELID), ',') || ',',
+        true);
     cid := nextval('__SCHEMA__.change_id_seq');
     INSERT INTO __SCHEMA__.queue (change_id, handler, table_name, op, row_key)
     SELECT cid, s.handler, s.table_schema || '.' || s.table_name, 'TRUNCATE',

@@ -1,0 +1,335 @@
+"""Capture that loses nothing and corrupts nothing (issue 12, items 1-5): columns named like
+the capture SQL's aliases, partitioned tables, renamed and dropped tables, TRUNCATE, and
+UPDATEs that change the key. For both drivers, against a real server."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import structlog
+from psycopg import sql as psql
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+from pgreact import Event, Router, installer
+from pgreact.events import ALL_OPS
+from tests.handlers.effects import router as effects_router
+from tests.support import (
+    ROOT,
+    create_tables,
+    install,
+    libpq,
+    make_settings,
+    pgreact_cli,
+    running,
+    sql,
+    wait_until,
+)
+
+pytestmark = pytest.mark.anyio
+
+EFFECT = text(
+    "INSERT INTO effects (handler, event_id, k, op, v, attempt) VALUES (:h, :e, :k, :op, :v, :a)"
+)
+
+
+async def noop(event: Event, session: AsyncSession) -> None:
+    """Capture tests read the queue; no daemon runs this."""
+
+
+def queued(dsn: str, handler: str) -> list[tuple[Any, ...]]:
+    """(table, op, key, new, old) of ``handler``'s deliveries, fences left out, in order."""
+    return sql(
+        dsn,
+        "SELECT table_name, op, row_key, new_row, old_row FROM pgreact.queue "
+        "WHERE handler = %s AND op <> 'FENCE' ORDER BY id",
+        [handler],
+    )
+
+
+async def problems(sa_url: str, router: Router) -> dict[str, str]:
+    engine = create_async_engine(sa_url)
+    try:
+        async with engine.connect() as conn:
+            return await installer.capture_problems(conn, "pgreact", router.durable)
+    finally:
+        await engine.dispose()
+
+
+# -- 1. columns named like the capture SQL's aliases ------------------------------------------
+
+
+def capture_words() -> list[str]:
+    """Every word of the capture SQL (function bodies of the latest migration): as columns, each
+    would shadow an alias or a PL/pgSQL variable of that name if the SQL were not immune."""
+    latest = max((ROOT / "service" / "schema").glob("0*.sql"))
+    bodies = re.findall(r"\$\$(.*?)\$\$", latest.read_text(), re.S)
+    words = set(re.findall(r"\b[a-z_][a-z0-9_]*\b", " ".join(bodies).lower()))
+    return sorted(words - {"id"})
+
+
+def create_wide(dsn: str, table: str, columns: Sequence[str], partitioned: bool) -> None:
+    cols = psql.SQL(", ").join(
+        psql.SQL("{} int").format(psql.Identifier(c)) for c in ["id", *columns]
+    )
+    tail = psql.SQL(" PARTITION BY RANGE (id)" if partitioned else "")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            psql.SQL("CREATE TABLE {} ({}, PRIMARY KEY (id)){}").format(
+                psql.Identifier(table), cols, tail
+            )
+        )
+        if partitioned:
+            conn.execute(
+                psql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES FROM (0) TO (100)").format(
+                    psql.Identifier(f"{table}_low"), psql.Identifier(table)
+                )
+            )
+
+
+@pytest.mark.parametrize("partitioned", [False, True], ids=["plain", "partitioned"])
+async def test_columns_named_like_capture_aliases_keep_row_images_whole(
+    pg_dsn: str, sa_url: str, partitioned: bool
+) -> None:
+    columns = capture_words()
+    assert {"r", "i", "c", "s", "n", "img", "pgreact_new_rows", "tg_argv"} <= set(columns)
+    create_wide(pg_dsn, "color", columns, partitioned)
+    router = Router()
+    router.on("color", name="colors", ops=ALL_OPS)(noop)
+    await install(sa_url, router)
+
+    first = {"id": 1, **{c: i for i, c in enumerate(columns)}}
+    second = {k: (v if k == "id" else v + 1) for k, v in first.items()}
+    names = psql.SQL(", ").join(psql.Identifier(c) for c in first)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            psql.SQL("INSERT INTO color ({}) VALUES ({})").format(
+                names, psql.SQL(", ").join(psql.Literal(v) for v in first.values())
+            )
+        )
+        conn.execute(
+            psql.SQL("UPDATE color SET {}").format(
+                psql.SQL(", ").join(
+                    psql.SQL("{0} = {0} + 1").format(psql.Identifier(c)) for c in columns
+                )
+            )
+        )
+        conn.execute("DELETE FROM color")
+    assert queued(pg_dsn, "colors") == [
+        ("public.color", "INSERT", "1", first, None),
+        ("public.color", "UPDATE", "1", second, first),
+        ("public.color", "DELETE", "1", None, second),
+    ]
+
+
+# -- 2. partitioned tables --------------------------------------------------------------------
+
+PARTITIONED = """
+CREATE TABLE measures (region text, id int, v int, PRIMARY KEY (region, id))
+    PARTITION BY LIST (region);
+CREATE TABLE measures_eu PARTITION OF measures FOR VALUES IN ('eu');
+CREATE TABLE measures_us PARTITION OF measures FOR VALUES IN ('us');
+"""
+
+
+def key(region: str, id_: int) -> str:
+    return f'["{region}", {id_}]'
+
+
+async def test_every_change_of_a_partitioned_table_is_captured_as_the_parent(
+    pg_dsn: str, sa_url: str
+) -> None:
+    sql(pg_dsn, PARTITIONED)
+    router = Router()
+    router.on("measures", name="m", ops=ALL_OPS)(noop)
+    await install(sa_url, router)
+    sql(pg_dsn, "INSERT INTO measures VALUES ('eu', 1, 1)")  # through the parent
+    sql(pg_dsn, "INSERT INTO measures_us VALUES ('us', 2, 1)")  # straight into a partition
+    sql(pg_dsn, "UPDATE measures SET v = 2 WHERE id = 1")  # within a partition
+    sql(pg_dsn, "UPDATE measures_us SET v = 3 WHERE id = 2")  # through the partition
+    sql(pg_dsn, "UPDATE measures SET region = 'us' WHERE id = 1")  # moves to another partition
+    # A partition attached later: its row changes are captured at once (cloned triggers) ...
+    sql(
+        pg_dsn,
+        "CREATE TABLE measures_asia (LIKE measures INCLUDING ALL); "
+        "ALTER TABLE measures ATTACH PARTITION measures_asia FOR VALUES IN ('asia')",
+    )
+    sql(pg_dsn, "INSERT INTO measures_asia VALUES ('asia', 3, 1)")
+    sql(pg_dsn, "DELETE FROM measures WHERE id = 3")
+    got = [(t, op, k) for t, op, k, _, _ in queued(pg_dsn, "m")]
+    assert got == [
+        ("public.measures", "INSERT", key("eu", 1)),
+        ("public.measures", "INSERT", key("us", 2)),
+        ("public.measures", "UPDATE", key("eu", 1)),
+        ("public.measures", "UPDATE", key("us", 2)),
+        # A move between partitions is a DELETE from one and an INSERT into the other.
+        ("public.measures", "DELETE", key("eu", 1)),
+        ("public.measures", "INSERT", key("us", 1)),
+        ("public.measures", "INSERT", key("asia", 3)),
+        ("public.measures", "DELETE", key("asia", 3)),
+    ]
+
+    # ... but not its TRUNCATE (statement triggers are not cloned): check says so, install fixes.
+    found = await problems(sa_url, router)
+    assert "TRUNCATE on public.measures_asia" in found["m"]
+    assert "run `pgreact install`" in found["m"]
+    fix = await install(sa_url, router)
+    assert fix.statements == [
+        'CREATE TRIGGER "pgreact_capture_truncate" AFTER TRUNCATE ON "public"."measures_asia" '
+        'FOR EACH STATEMENT EXECUTE FUNCTION "pgreact".capture_truncate()'
+    ]
+    assert await problems(sa_url, router) == {}
+
+    sql(pg_dsn, "DELETE FROM pgreact.queue")
+    sql(pg_dsn, "TRUNCATE measures_eu")  # one partition: the key names it
+    sql(pg_dsn, "TRUNCATE measures")  # the whole table: one event, not one per partition
+    got = [(t, op, k) for t, op, k, _, _ in queued(pg_dsn, "m")]
+    assert got == [
+        ("public.measures", "TRUNCATE", "public.measures_eu"),
+        ("public.measures", "TRUNCATE", None),
+    ]
+
+
+# -- 3. renamed and dropped tables ------------------------------------------------------------
+
+
+def recording_router(name: str, table: str = "source", ops: Sequence[str] = ALL_OPS) -> Router:
+    router = Router()
+
+    @router.on(table, name=name, ops=ops)  # type: ignore[arg-type]
+    async def record(event: Event, session: AsyncSession) -> None:
+        image = event.new or event.old or {}
+        await session.execute(
+            EFFECT,
+            {
+                "h": name,
+                "e": event.id,
+                "k": event.key,
+                "op": event.op,
+                "v": image.get("v"),
+                "a": event.attempt,
+            },
+        )
+
+    return router
+
+
+def effects(dsn: str, handler: str) -> list[tuple[Any, ...]]:
+    return sql(dsn, "SELECT op, k, v FROM effects WHERE handler = %s ORDER BY seq", [handler])
+
+
+async def test_renamed_table_is_still_captured_and_loudly_reported(
+    pg_dsn: str, sa_url: str, driver: str
+) -> None:
+    create_tables(pg_dsn)
+    router = recording_router("follow")
+    await install(sa_url, router)
+    sample_of = "pgreact_capture_broken"
+    with structlog.testing.capture_logs() as logs:
+        async with running(make_settings(sa_url), router) as daemon, httpx.AsyncClient() as http:
+            sample = daemon.metrics.registry.get_sample_value
+            assert sample(sample_of, {"handler": "follow"}) == 0
+            sql(pg_dsn, "ALTER TABLE source RENAME TO source_v2")
+            sql(pg_dsn, "INSERT INTO source_v2 VALUES (1, 7)")
+            await wait_until(lambda: effects(pg_dsn, "follow") == [("INSERT", "1", 7)])
+            await wait_until(
+                lambda: sample(sample_of, {"handler": "follow"}) == 1, message="the gauge"
+            )
+            response = await http.get(f"http://127.0.0.1:{daemon.http_port}/readyz", timeout=10)
+            assert response.status_code == 503
+            detail = response.json()["down"]["capture:follow"]
+            assert "renamed to public.source_v2" in detail and "pgreact install" in detail
+    errors = [e for e in logs if e["event"] == "capture_broken"]
+    assert errors and errors[0]["log_level"] == "error"
+    assert "public.source_v2" in errors[0]["detail"]
+
+    env = {
+        "PGREACT_DATABASE_URL": sa_url,
+        "PGREACT_HANDLERS": "handlers.effects",
+        "PGREACT_HTTP_PORT": "0",
+    }
+    sql(pg_dsn, "ALTER TABLE source_v2 RENAME TO source")
+    await install(sa_url, effects_router)  # what `check` loads (handlers.effects): on source
+    sql(pg_dsn, "DROP TABLE source")
+    check = pgreact_cli("check", env=env)
+    assert check.returncode == 1, check.stdout
+    failed = [line for line in check.stdout.splitlines() if line.startswith("[FAIL] triggers")]
+    assert len(failed) == 1, check.stdout
+    assert "public.source" in failed[0] and "was dropped" in failed[0]
+    assert "pgreact install" in failed[0]
+
+
+# -- 4. TRUNCATE ------------------------------------------------------------------------------
+
+
+async def test_truncate_reaches_subscribers_and_warns_about_the_rest(
+    pg_dsn: str, sa_url: str
+) -> None:
+    create_tables(pg_dsn)
+    router = recording_router("resync")
+    router.include(recording_router("rows-only", ops=("INSERT", "UPDATE", "DELETE")))
+    await install(sa_url, router)
+    notices: list[str] = []
+    with psycopg.connect(libpq(pg_dsn), autocommit=True) as conn:
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+        conn.execute("INSERT INTO source VALUES (1, 1)")
+        conn.execute("TRUNCATE source")
+    assert notices == [
+        "pgreact: TRUNCATE of public.source is not delivered to handler(s) rows-only "
+        "(their ops do not include TRUNCATE)"
+    ]
+    async with running(make_settings(sa_url), router):
+        await wait_until(lambda: len(effects(pg_dsn, "resync")) == 2)
+        await wait_until(lambda: len(effects(pg_dsn, "rows-only")) == 1)
+    assert effects(pg_dsn, "resync") == [("INSERT", "1", 1), ("TRUNCATE", None, None)]
+    assert effects(pg_dsn, "rows-only") == [("INSERT", "1", 1)]
+
+
+# -- 5. an UPDATE that changes the key --------------------------------------------------------
+
+
+async def test_key_change_is_ordered_under_the_old_and_the_new_key(
+    pg_dsn: str, sa_url: str
+) -> None:
+    create_tables(pg_dsn)
+    router = Router()
+    failed_once: set[int] = set()
+
+    @router.on("source", name="moves")
+    async def moves(event: Event, session: AsyncSession) -> None:
+        old_id = (event.old or {}).get("id")
+        if event.op == "UPDATE" and old_id == 1 and event.id not in failed_once:
+            failed_once.add(event.id)  # held in retry: nothing of key 1 or 2 may pass it
+            raise RuntimeError("not yet")
+        image = event.new or event.old or {}
+        await session.execute(
+            EFFECT,
+            {
+                "h": "moves",
+                "e": event.id,
+                "k": event.key,
+                "op": event.op,
+                "v": image.get("v"),
+                "a": event.attempt,
+            },
+        )
+
+    await install(sa_url, router)
+    sql(pg_dsn, "INSERT INTO source VALUES (1, 1)")
+    async with running(make_settings(sa_url, retry_base=0.5, retry_max=0.5), router):
+        await wait_until(lambda: effects(pg_dsn, "moves") == [("INSERT", "1", 1)])
+        sql(pg_dsn, "UPDATE source SET id = 2, v = 2 WHERE id = 1")  # key 1 -> 2
+        sql(pg_dsn, "INSERT INTO source VALUES (1, 3)")  # a later event of the old key
+        sql(pg_dsn, "UPDATE source SET v = 4 WHERE id = 2")  # a later event of the new key
+        await wait_until(lambda: len(effects(pg_dsn, "moves")) == 4, message="4 effects")
+        await wait_until(
+            lambda: sql(pg_dsn, "SELECT count(*) FROM pgreact.queue")[0][0] == 0,
+            message="the fence released",
+        )
+    assert effects(pg_dsn, "moves")[1] == ("UPDATE", "2", 2)
+    assert sorted(effects(pg_dsn, "moves")[2:]) == [("INSERT", "1", 3), ("UPDATE", "2", 4)]
