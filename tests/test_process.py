@@ -353,6 +353,37 @@ def test_drain_timeout_rolls_back_gives_claims_back_and_logs_json(
     assert_json_logs(daemon, strict=True)
 
 
+def test_a_handler_that_swallows_cancellation_cannot_hold_sigterm(
+    spawn: Spawner, pg_dsn: str
+) -> None:
+    """Key 5's call never ends, whatever it is told: the process still ends within
+    PGREACT_SHUTDOWN_TIMEOUT, says what it abandoned, and a successor (after reaping the claims
+    left behind) does everything exactly once."""
+    total, shutdown_timeout = 20, 2.0
+    daemon = spawn(PGREACT_TEST_STUBBORN_KEY="5", PGREACT_SHUTDOWN_TIMEOUT=str(shutdown_timeout))
+    daemon.wait_started()
+    sql(pg_dsn, "INSERT INTO source SELECT g, g FROM generate_series(1, %s::int) g", [total])
+    poll(
+        lambda: all_handled(pg_dsn, total, ("batch",)) and claimed_by(pg_dsn, "single") > 0,
+        20,
+        "the stubborn call to be running",
+    )
+    code, took = daemon.terminate(timeout=shutdown_timeout + 15)
+    assert code == 0, daemon.tail()
+    # The deadline is the shutdown timeout; the rest is the interpreter starting to exit.
+    assert took < shutdown_timeout + 3, f"exit took {took:.1f} s after SIGTERM"
+    assert daemon.logged("drain_abandoned"), daemon.tail()
+    assert_json_logs(daemon, strict=True)
+
+    successor = spawn()
+    successor.wait_started()
+    poll(lambda: all_handled(pg_dsn, total), 60, "the successor to handle what was left")
+    code, _ = successor.terminate(timeout=20)
+    assert code == 0, successor.tail()
+    assert_exactly_once(pg_dsn, {"single": total, "batch": total})
+    assert queue_state(pg_dsn) == {"live": 0, "dead": 0, "claimed": 0}
+
+
 # -- two processes ----------------------------------------------------------------------------
 
 
