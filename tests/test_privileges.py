@@ -1,0 +1,154 @@
+"""pgreact's schema is closed to everyone but its owner (issue 12, item 6): writers of a watched
+table need no right in it and cannot forge or wedge queue rows; ``install`` runs as an owner
+role; ``run`` works with exactly what ``install --print-grants`` prints. Both drivers."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+import pytest
+from psycopg import errors
+
+from tests.conftest import to_sa_url
+from tests.handlers.effects import router as effects_router
+from tests.support import (
+    create_tables,
+    install,
+    make_settings,
+    pgreact_cli,
+    running,
+    sql,
+    wait_until,
+)
+
+pytestmark = pytest.mark.anyio
+
+PASSWORD = "pgreact-test"
+
+Roles = Callable[[str], str]
+
+
+def as_role(dsn: str, role: str) -> str:
+    """``dsn`` with ``role`` (and its password) as the user."""
+    parts = urlsplit(dsn)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{quote(role)}:{quote(PASSWORD)}@{host}"))
+
+
+@pytest.fixture
+def roles(pg_dsn: str) -> Iterator[Roles]:
+    """Make login roles (unique names: roles are cluster-wide); dropped after the test."""
+    made: list[str] = []
+
+    def make(purpose: str) -> str:
+        name = f"pgreact_{purpose}_{uuid.uuid4().hex[:8]}"
+        sql(pg_dsn, f"CREATE ROLE {name} LOGIN PASSWORD '{PASSWORD}'")
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        sql(pg_dsn, f"DROP OWNED BY {name} CASCADE")
+    for name in made:
+        sql(pg_dsn, f"DROP ROLE {name}")
+
+
+FORGERIES = [
+    # a made-up event for a handler, a fake lease that would wedge a key, the doorbell, capture
+    "INSERT INTO pgreact.queue (change_id, handler, table_name, op) "
+    "VALUES (1, 'single', 'public.payroll', 'INSERT')",
+    "UPDATE pgreact.queue SET lease_until = 'infinity', owner = 1",
+    "SELECT count(*) FROM pgreact.queue",
+    "UPDATE pgreact.doorbell SET armed = false",
+    "SELECT pgreact.ring()",
+    "SELECT pgreact.enqueue_row(ARRAY[1::oid], 'INSERT', '{}', NULL, NULL)",
+    "INSERT INTO pgreact.subscriptions (handler, table_schema, table_name, ops) "
+    "VALUES ('x', 'public', 'source', '{INSERT}')",
+]
+
+
+async def test_a_writer_with_only_insert_is_captured_and_can_forge_nothing(
+    pg_dsn: str, sa_url: str, roles: Roles
+) -> None:
+    create_tables(pg_dsn)
+    await install(sa_url, effects_router)
+    writer = roles("writer")
+    sql(pg_dsn, f"GRANT INSERT ON source TO {writer}")
+    sql(as_role(pg_dsn, writer), "INSERT INTO source VALUES (1, 1)")
+    rows = sql(pg_dsn, "SELECT handler, op, row_key FROM pgreact.queue ORDER BY handler")
+    assert rows == [("batch", "INSERT", "1"), ("single", "INSERT", "1")]
+    for statement in FORGERIES:
+        with pytest.raises(errors.InsufficientPrivilege):
+            sql(as_role(pg_dsn, writer), statement)
+    assert sql(pg_dsn, "SELECT count(*), count(lease_until) FROM pgreact.queue") == [(2, 0)]
+
+
+async def test_install_as_owner_and_run_with_exactly_the_printed_grants(
+    pg_dsn: str, driver: str, roles: Roles
+) -> None:
+    create_tables(pg_dsn)  # the application's tables, not the owner's
+    owner, runner, writer = roles("owner"), roles("runner"), roles("writer")
+    database = unquote(urlsplit(pg_dsn).path.lstrip("/"))
+    sql(pg_dsn, f'GRANT CREATE ON DATABASE "{database}" TO {owner}')
+    sql(pg_dsn, f"GRANT TRIGGER ON source TO {owner}")
+    sql(pg_dsn, f"GRANT INSERT ON source TO {writer}")
+    # What the handlers write is theirs to grant.
+    sql(pg_dsn, f"GRANT INSERT ON effects TO {runner}")
+    sql(pg_dsn, f"GRANT USAGE ON SEQUENCE effects_seq_seq TO {runner}")
+
+    await install(to_sa_url(as_role(pg_dsn, owner), driver), effects_router)
+    printed = pgreact_cli(
+        "install", "--print-grants", runner, env={"PGREACT_HANDLERS": "handlers.effects"}
+    )
+    assert printed.returncode == 0, printed.stderr
+    assert f'GRANT USAGE ON SCHEMA "pgreact" TO "{runner}";' in printed.stdout
+    sql(as_role(pg_dsn, owner), printed.stdout)
+
+    runner_dsn = as_role(pg_dsn, runner)
+    for ddl in ("CREATE TABLE public.nope (id int)", "CREATE SCHEMA nope", "DROP TABLE source"):
+        with pytest.raises((errors.InsufficientPrivilege, errors.ObjectNotInPrerequisiteState)):
+            sql(runner_dsn, ddl)
+
+    async with running(make_settings(to_sa_url(runner_dsn, driver)), effects_router):
+        sql(as_role(pg_dsn, writer), "INSERT INTO source VALUES (1, 1), (2, 2)")
+        await wait_until(
+            lambda: sql(pg_dsn, "SELECT count(*) FROM effects")[0][0] == 4,
+            message="2 changes handled by 2 handlers",
+        )
+        await wait_until(
+            lambda: sql(pg_dsn, "SELECT count(*) FROM pgreact.queue")[0][0] == 0,
+            message="an empty queue",
+        )
+    handled = sql(pg_dsn, "SELECT handler, k FROM effects ORDER BY handler, k")
+    assert handled == [("batch", "1"), ("batch", "2"), ("single", "1"), ("single", "2")]
+
+
+async def test_nothing_of_pgreact_is_granted_to_public(pg_dsn: str, sa_url: str) -> None:
+    create_tables(pg_dsn)
+    await install(sa_url, effects_router)
+    public = sql(
+        pg_dsn,
+        """
+        SELECT 'schema', has_schema_privilege('public', 'pgreact', 'USAGE')
+        UNION ALL
+        SELECT p.proname, has_function_privilege('public', p.oid, 'EXECUTE')
+        FROM pg_proc p WHERE p.pronamespace = 'pgreact'::regnamespace
+        """,
+    )
+    assert [name for name, granted in public if granted] == []
+    definer = sql(
+        pg_dsn,
+        "SELECT proname, prosecdef, proconfig FROM pg_proc "
+        "WHERE pronamespace = 'pgreact'::regnamespace AND proname LIKE 'capture\\_%' "
+        "AND proname <> 'capture_state' ORDER BY 1",
+    )
+    assert [r[0] for r in definer] == [
+        "capture_delete",
+        "capture_insert",
+        "capture_row",
+        "capture_truncate",
+        "capture_update",
+    ]
+    assert all(r[1] and r[2] == ["search_path=pg_catalog, pg_temp"] for r in definer)
