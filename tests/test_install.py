@@ -239,7 +239,7 @@ def test_print_sql_prints_the_ddl_and_changes_nothing(pg_dsn: str, sa_url: str) 
 
     again = pgreact_cli("install", "--print-sql", env=cli_env(sa_url))
     assert again.returncode == 0, again.stderr
-    assert again.stdout.startswith("-- pgreact: schema \"pgreact\" is up to date")
+    assert again.stdout.startswith('-- pgreact: schema "pgreact" is up to date')
     assert "BEGIN" not in again.stdout
 
 
@@ -488,3 +488,55 @@ def test_cli_install_prune(pg_dsn: str, sa_url: str) -> None:
     assert trigger_ops(pg_dsn, "t2") == set()
     assert trigger_ops(pg_dsn, "source") == {"INSERT", "UPDATE", "DELETE"}
     assert subscriptions(pg_dsn) == ["batch", "single"]
+
+
+# -- locks: an install never blocks the application -------------------------------------------
+
+
+async def test_noop_install_takes_no_lock_and_ddl_gives_up_within_lock_timeout(
+    pg_dsn: str, sa_url: str
+) -> None:
+    create_tables(pg_dsn)
+    sql(pg_dsn, "CREATE TABLE other (id int PRIMARY KEY)")
+    await install(sa_url, effects_router)
+    needs_ddl = Router()
+    needs_ddl.include(effects_router)
+    needs_ddl.on("other", name="other")(noop)
+    engine = create_async_engine(sa_url)
+    waits: list[str] = []
+    try:
+        # An application transaction that wrote both tables and stays open: it holds
+        # RowExclusiveLock on them, which CREATE/DROP TRIGGER must wait for.
+        # (The doorbell disarmed, as while a daemon is busy: an open transaction that rang it
+        # holds its row, and other writers' capture would wait for that, install or not.)
+        sql(pg_dsn, "UPDATE pgreact.doorbell SET armed = false")
+        with psycopg.connect(pg_dsn) as app:
+            app.execute("INSERT INTO source VALUES (1, 1); INSERT INTO other VALUES (1)")
+            with anyio.fail_after(60):  # a hang guard: the old install queued here for good
+                again = await installer.install(engine, effects_router, "pgreact")
+            assert again.statements == []
+            # Nobody queued behind an install: another writer goes straight through.
+            sql(pg_dsn, "INSERT INTO source VALUES (2, 2)")
+
+            with pytest.raises(SchemaError) as info:
+                await installer.install(
+                    engine,
+                    needs_ddl,
+                    "pgreact",
+                    lock_timeout=0.2,
+                    attempts=2,
+                    on_wait=waits.append,
+                )
+            blocker = f"pid {app.info.backend_pid}"
+            assert len(waits) == 1 and "retrying (1/2)" in waits[0]
+            for message in (waits[0], str(info.value)):
+                assert "table public.other" in message and blocker in message
+            sql(pg_dsn, "INSERT INTO other VALUES (2)")  # the install let go of its lock
+        # The application committed: now it goes through.
+        applied = await installer.install(engine, needs_ddl, "pgreact")
+    finally:
+        await engine.dispose()
+    assert trigger_ops(pg_dsn, "other") == {"INSERT", "UPDATE", "DELETE"}
+    assert has_truncate_trigger(pg_dsn, "other")
+    assert any("other" in s for s in applied.statements)
+    assert sql(pg_dsn, "SELECT count(*) FROM source")[0][0] == 2
