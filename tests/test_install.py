@@ -540,3 +540,36 @@ async def test_noop_install_takes_no_lock_and_ddl_gives_up_within_lock_timeout(
     assert has_truncate_trigger(pg_dsn, "other")
     assert any("other" in s for s in applied.statements)
     assert sql(pg_dsn, "SELECT count(*) FROM source")[0][0] == 2
+
+
+async def test_upgrade_from_version_3_keeps_the_queue_and_the_row_triggers(
+    pg_dsn: str, sa_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    create_tables(pg_dsn)
+    version_3 = [m for m in installer.migration_files() if m[0] <= 3]
+    monkeypatch.setattr(installer, "migration_files", lambda: version_3)
+    assert (await install(sa_url, effects_router)).to_version == 3
+    sql(pg_dsn, "INSERT INTO source SELECT g, g FROM generate_series(1, 3) g")
+    sql(pg_dsn, "UPDATE pgreact.queue SET dead_at = now() WHERE row_key = '3'")
+    before = sql(pg_dsn, "SELECT id, handler, row_key, dead_at FROM pgreact.queue ORDER BY id")
+    row_triggers = [t for t in triggers(pg_dsn) if t[0] == "source"]
+    monkeypatch.undo()
+
+    upgrade = await install(sa_url, effects_router)
+    assert (upgrade.from_version, upgrade.to_version) == (3, installer.latest_version())
+    # Only the TRUNCATE trigger is new: the row triggers (and their tables' locks) are left be.
+    assert [s for s in upgrade.statements if "TRIGGER" in s] == [
+        'CREATE TRIGGER "pgreact_capture_truncate" AFTER TRUNCATE ON "public"."source" '
+        'FOR EACH STATEMENT EXECUTE FUNCTION "pgreact".capture_truncate()'
+    ]
+    assert [t for t in triggers(pg_dsn) if t[0] == "source" and "truncate" not in t[1]] == (
+        row_triggers
+    )
+    assert sql(pg_dsn, "SELECT id, handler, row_key, dead_at FROM pgreact.queue ORDER BY id") == (
+        before
+    )
+    oids = sql(pg_dsn, "SELECT DISTINCT table_oid = 'source'::regclass FROM pgreact.subscriptions")
+    assert oids == [(True,)]
+    sql(pg_dsn, "INSERT INTO source VALUES (4, 4)")  # captured by the upgraded functions
+    assert sql(pg_dsn, "SELECT count(*) FROM pgreact.queue WHERE row_key = '4'") == [(2,)]
+    assert (await install(sa_url, effects_router)).statements == []
