@@ -4,9 +4,12 @@ its events before the daemon starts, so that one claim takes them all."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Sequence
 from typing import Any
 
+import anyio
 import pytest
 import structlog.testing
 from sqlalchemy import text
@@ -320,3 +323,180 @@ async def test_the_traceback_of_a_repeated_failure_is_logged_once(pg_dsn: str, s
     ]
     for line in failed:
         assert ("exc_info" in line) != ("traceback" in line), line
+
+
+# -- what a handler raises is an attempt; only database trouble is not --------------------------
+
+
+class Fatal(BaseException):
+    """A BaseException of the handler's own."""
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [SystemExit(3), KeyboardInterrupt(), Fatal("fatal"), asyncio.CancelledError("its own")],
+    ids=["SystemExit", "KeyboardInterrupt", "BaseException", "CancelledError"],
+)
+async def test_a_base_exception_is_an_attempt_and_the_daemon_goes_on(
+    pg_dsn: str, sa_url: str, raised: BaseException
+) -> None:
+    create_tables(pg_dsn)
+    router = Router()
+
+    @router.on("source", name="one")
+    async def one(event: Event, session: AsyncSession) -> None:
+        if event.key == "2":
+            raise raised
+        await session.execute(EFFECT, effect_row("one", event))
+
+    await install(sa_url, router)
+    sql(pg_dsn, "INSERT INTO source SELECT g, g FROM generate_series(1, 3) g")
+    async with running(make_settings(sa_url, max_attempts=2), router):
+        await wait_until(lambda: queue_state(pg_dsn)["dead"] == 1, message="2 dead")
+        # Still running: a change made now is handled.
+        sql(pg_dsn, "INSERT INTO source VALUES (4, 4)")
+        await wait_until(lambda: effect_counts(pg_dsn) == (3, 3), message="1, 3 and 4")
+    ((attempts, error),) = sql(pg_dsn, "SELECT attempts, last_error FROM pgreact.queue")
+    assert attempts == 2
+    assert error.startswith("HandlerAborted: the handler raised " + type(raised).__name__)
+
+
+async def test_an_oserror_of_the_handler_is_an_attempt(pg_dsn: str, sa_url: str) -> None:
+    """An HTTP client's ConnectionRefusedError is not database trouble: backed off, counted,
+    dead-lettered (it was retried at once, forever, with no attempt counted)."""
+    create_tables(pg_dsn)
+    router = Router()
+
+    @router.on("source", name="one")
+    async def one(event: Event, session: AsyncSession) -> None:
+        await session.execute(EFFECT, effect_row("one", event))  # it wrote, then failed
+        if event.key == "2":
+            raise ConnectionRefusedError(111, "Connection refused (http://localhost:9)")
+
+    await install(sa_url, router)
+    sql(pg_dsn, "INSERT INTO source SELECT g, g FROM generate_series(1, 3) g")
+    async with running(make_settings(sa_url, max_attempts=3), router):
+        await wait_until(lambda: queue_state(pg_dsn)["dead"] == 1, message="2 dead")
+    ((attempts, error),) = sql(pg_dsn, "SELECT attempts, last_error FROM pgreact.queue")
+    assert attempts == 3
+    assert error.startswith("ConnectionRefusedError")
+    assert sql(pg_dsn, "SELECT k FROM effects ORDER BY k") == [("1",), ("3",)]
+
+
+@pytest.mark.parametrize("reraised", ["as is", "as an OSError of its own"])
+async def test_losing_the_sessions_connection_is_not_an_attempt(
+    pg_dsn: str, sa_url: str, reraised: str
+) -> None:
+    """The other side: the handler's own connection dies under it (here it kills its backend
+    through the session). Whatever the handler makes of the error, the event is given back
+    without an attempt, and runs again once."""
+    create_tables(pg_dsn)
+    router = Router()
+    killed: list[int] = []
+
+    @router.on("source", name="one")
+    async def one(event: Event, session: AsyncSession) -> None:
+        if event.key == "2" and not killed:
+            killed.append(event.id)
+            try:
+                await session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+            except Exception as exc:
+                if reraised == "as is":
+                    raise
+                raise OSError("the database went away") from exc
+        await session.execute(EFFECT, effect_row("one", event))
+
+    await install(sa_url, router)
+    sql(pg_dsn, "INSERT INTO source SELECT g, g FROM generate_series(1, 3) g")
+    async with running(make_settings(sa_url, max_attempts=1), router):
+        await wait_until(lambda: queue_state(pg_dsn)["live"] == 0, message="all handled")
+    assert killed
+    # Every event once, each on its first (and only) attempt: nothing was charged.
+    assert sql(pg_dsn, "SELECT k, attempt FROM effects ORDER BY k") == [
+        ("1", 1),
+        ("2", 1),
+        ("3", 1),
+    ]
+    assert queue_state(pg_dsn)["dead"] == 0
+
+
+# -- a handler that ends pgreact's transaction ----------------------------------------------
+
+
+async def end_transaction(how: str, session: AsyncSession) -> None:
+    if how == "connection.exec_driver_sql":
+        await (await session.connection()).exec_driver_sql("COMMIT")
+    else:
+        await session.execute(text(how))
+
+
+@pytest.mark.parametrize(
+    "how", ["COMMIT", "END", "COMMIT AND CHAIN", "connection.exec_driver_sql", "ROLLBACK"]
+)
+async def test_a_raw_commit_fails_the_offender_and_never_duplicates_the_others(
+    pg_dsn: str, sa_url: str, how: str
+) -> None:
+    """Good events before and after the offender in one group: each one's effect exactly once.
+    (It was three times: the group ran again after the commit, and again split in halves.)"""
+    create_tables(pg_dsn)
+    router = Router()
+    calls: list[int] = []
+
+    @router.on("source", name="one")
+    async def one(event: Event, session: AsyncSession) -> None:
+        calls.append(int(event.key or 0))
+        await session.execute(EFFECT, effect_row("one", event))
+        if event.key == "3":
+            await end_transaction(how, session)
+
+    await run_until_settled(pg_dsn, sa_url, router, 6)
+    good = sql(pg_dsn, "SELECT k, count(*) FROM effects WHERE k <> '3' GROUP BY k ORDER BY k")
+    assert good == [(k, 1) for k in ("1", "2", "4", "5", "6")]
+    assert dead_keys(pg_dsn) == ["3"]
+    (error,) = sql(pg_dsn, "SELECT last_error FROM pgreact.queue")[0]
+    assert "HandlerMisuse" in error and "ended pgreact's transaction" in error
+    if how == "ROLLBACK":
+        assert calls == [1, 2, 3, 1, 2, 4, 5, 6]  # what it rolled back runs again
+    else:
+        assert calls == [1, 2, 3, 4, 5, 6]  # what it committed is acked, not run again
+
+
+# -- a handler that blocks the event loop -----------------------------------------------------
+
+
+async def test_a_handler_blocking_the_loop_is_charged_and_the_others_are_spared(
+    pg_dsn: str, sa_url: str
+) -> None:
+    """``blocker`` sleeps 2.5 s without awaiting (handler timeout 1 s) while ``bystander``
+    awaits a 0.6 s sleep: the bystander's call must not be charged the stall (its timer
+    fired late, during it), the blocker is, and the log says who stopped the loop."""
+    create_tables(pg_dsn)
+    router = Router()
+    bystander_started = anyio.Event()
+
+    @router.on("source", name="bystander")
+    async def bystander(event: Event, session: AsyncSession) -> None:
+        bystander_started.set()
+        await anyio.sleep(0.6)
+        await session.execute(EFFECT, effect_row("bystander", event))
+
+    @router.on("source", name="blocker")
+    async def blocker(event: Event, session: AsyncSession) -> None:
+        with anyio.fail_after(10):
+            await bystander_started.wait()
+        time.sleep(2.5)  # noqa: ASYNC251 - what this test is about
+        await session.execute(EFFECT, effect_row("blocker", event))
+
+    await install(sa_url, router)
+    sql(pg_dsn, "INSERT INTO source VALUES (1, 1)")
+    settings = make_settings(sa_url, max_attempts=1, handler_timeout=1.0)
+    with structlog.testing.capture_logs() as logs:
+        async with running(settings, router):
+            await wait_until(lambda: queue_state(pg_dsn)["live"] == 0, message="both settled")
+    assert sql(pg_dsn, "SELECT handler, attempt FROM effects") == [("bystander", 1)]
+    ((handler, error),) = sql(pg_dsn, "SELECT handler, last_error FROM pgreact.queue")
+    assert handler == "blocker"
+    assert "EventLoopBlocked: the handler blocked the event loop for" in error
+    blocked = [line for line in logs if line["event"] == "event_loop_blocked"]
+    assert blocked and blocked[0]["handler_call"] == {"handler": "blocker", "event_id": 1}
+    assert "test_executor.py" in blocked[0]["where"]

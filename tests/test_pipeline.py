@@ -4,7 +4,9 @@ capture → listener → dispatcher → handler in a transaction → ack."""
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Sequence
+from typing import Any
 
 import anyio
 import pytest
@@ -436,3 +438,56 @@ async def test_doorbell_rings_once_until_a_consumer_rearms_it(pg_dsn: str, sa_ur
             )
             sql(pg_dsn, "INSERT INTO source VALUES (1000, 0)")
             await wait_until(lambda: effect_counts(pg_dsn)[0] == 102, timeout=2, message="rang")
+
+
+async def test_a_notify_storm_costs_a_bounded_number_of_claims(
+    pg_dsn: str, sa_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anyone who may connect can NOTIFY pgreact's channel. A 2 s storm (one NOTIFY per
+    transaction, as fast as one connection sends them) against an idle daemon with two
+    handlers: a few claims a second, not one per notification. A real change still goes
+    through at once after it."""
+    import psycopg
+
+    from pgreact.dispatcher import QUIET_AFTER_EMPTY
+    from pgreact.store import Store
+
+    create_tables(pg_dsn)
+    router = effects_router()
+    await install(sa_url, router)
+    claims: list[str] = []
+    claim = Store.claim
+
+    async def counted(
+        self: Store, conn: AsyncConnection, handler: str, *args: Any, **kwargs: Any
+    ) -> Any:
+        claims.append(handler)
+        return await claim(self, conn, handler, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "claim", counted)
+    # No sweep during the test: only notifications wake the handlers.
+    async with running(make_settings(sa_url, sweep_interval=60.0), router):
+        sql(pg_dsn, "INSERT INTO source VALUES (1, 1)")
+        await wait_until(lambda: effect_counts(pg_dsn)[0] == 2, message="first change")
+        await anyio.sleep(0.5)  # idle: the doorbell re-armed
+
+        def storm(seconds: float) -> int:
+            sent = 0
+            with psycopg.connect(pg_dsn, autocommit=True) as conn:
+                deadline = time.monotonic() + seconds
+                while time.monotonic() < deadline:
+                    conn.execute("NOTIFY pgreact_events, 'public.source'")
+                    sent += 1
+            return sent
+
+        before, began = len(claims), time.monotonic()
+        sent = await anyio.to_thread.run_sync(storm, 2.0)
+        await anyio.sleep(0.5)  # the last wake-ups held back
+        during, took = len(claims) - before, time.monotonic() - began
+        sql(pg_dsn, "INSERT INTO source VALUES (2, 2)")
+        await wait_until(lambda: effect_counts(pg_dsn)[0] == 4, message="a change after it")
+    assert sent > 500, f"only {sent} notifications: not a storm"
+    # Two handlers: at most one claim each per quiet interval (0.2 s), and a few more. (Before:
+    # ~1,000 claims for ~3,000 notifications.)
+    bound = 2 * (took / QUIET_AFTER_EMPTY + 3)
+    assert during <= bound, f"{during} claims for {sent} notifications in {took:.1f} s"
