@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import anyio
 import click
@@ -34,28 +36,67 @@ def _settings(ctx: click.Context, **overrides: Any) -> Settings:
     return load_settings(state.config, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _run(main: Callable[[], Awaitable[T]]) -> T:
-    """Run ``main`` on asyncio (uvloop when installed) and map our errors to exit codes."""
+def _run(main: Callable[[], Awaitable[T]], settings: Settings | None = None) -> T:
+    """Run ``main`` on asyncio (uvloop when installed) and map errors to exit codes: ours with
+    their message, a database or network problem with one line naming the (masked) URL.
+    Anything else is a bug and keeps its traceback."""
     try:
         return anyio.run(main, backend="asyncio", backend_options=_loop_options())
-    except PgreactError as exc:
-        _fail(exc)
-    except BaseExceptionGroup as group:
-        # A task group wraps what its tasks raise; our own errors still deserve a clear line.
-        mine, _ = group.split(PgreactError)
-        if mine is None:
-            raise
-        _fail(_first_leaf(mine))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        leaves = list(_leaves(exc))
+        mine = [e for e in leaves if isinstance(e, PgreactError)]
+        if mine:
+            _fail(mine[0])
+        outside = [e for e in leaves if _is_environment_error(e)]
+        if outside:
+            _fail(_database_error("database access", outside[0], settings))
+        raise
 
 
-def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions a task group wrapped (``exc`` itself if it is no group)."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def _is_environment_error(exc: BaseException) -> bool:
+    """A failure of the database, the network or the machine, not of pgreact's code: a wrong
+    password, an unknown host, a refused or dropped connection, a server error."""
+    import asyncpg
+    import psycopg
+    import sqlalchemy.exc
+
+    return isinstance(
+        exc,
+        OSError
+        | sqlalchemy.exc.DBAPIError
+        | sqlalchemy.exc.DisconnectionError
+        | sqlalchemy.exc.TimeoutError
+        | asyncpg.PostgresError
+        | asyncpg.InterfaceError
+        | psycopg.Error,
+    )
 
 
 def _fail(exc: BaseException) -> NoReturn:
-    click.echo(f"pgreact: error: {exc}", err=True)
+    click.echo(f"pgreact: error: {_one_line(exc)}", err=True)
     sys.exit(exc.exit_code if isinstance(exc, PgreactError) else 1)
+
+
+def _one_line(exc: BaseException) -> str:
+    from pgreact.settings import mask_url
+
+    return mask_url(str(exc) or type(exc).__name__)
+
+
+def _warn(settings: Settings) -> None:
+    for note in settings.config_warnings():
+        click.echo(f"pgreact: warning: {note}", err=True)
 
 
 def _loop_options() -> dict[str, Any]:
@@ -98,13 +139,14 @@ def run(ctx: click.Context) -> None:
     try:
         settings, router = prepare()
     except PgreactError as exc:
-        click.echo(f"pgreact: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        _fail(exc)
     configure_logging(settings.log_format, settings.log_level)
     log = structlog.get_logger("pgreact.cli")
+    for note in settings.config_warnings():
+        log.warning("configuration", detail=note)
 
     async def main() -> None:
-        daemon = Daemon(settings, router)
+        daemon = Daemon(settings, router, exit_when_stuck=True)
         async with anyio.create_task_group() as tg:
 
             async def on_signals() -> None:
@@ -117,11 +159,7 @@ def run(ctx: click.Context) -> None:
             await daemon.run()
             tg.cancel_scope.cancel()
 
-    try:
-        _run(main)
-    except PgreactError as exc:  # pragma: no cover - _run exits
-        log.error("fatal", error=str(exc))
-        sys.exit(exc.exit_code)
+    _run(main, settings)
 
 
 # -- install ----------------------------------------------------------------------------------
@@ -130,13 +168,22 @@ def run(ctx: click.Context) -> None:
 @cli.command()
 @click.option("--print-sql", is_flag=True, help="Print the DDL instead of applying it.")
 @click.option("--prune", is_flag=True, help="Remove capture from tables no longer handled.")
+@click.option(
+    "--print-grants",
+    "grants_role",
+    metavar="ROLE",
+    help="Print the least privileges ROLE needs to run the daemon (no DDL), and exit.",
+)
 @click.pass_context
-def install(ctx: click.Context, print_sql: bool, prune: bool) -> None:
+def install(ctx: click.Context, print_sql: bool, prune: bool, grants_role: str | None) -> None:
     """Create or upgrade pgreact's schema and the capture triggers (idempotent)."""
     from pgreact import installer
     from pgreact.db import create_write_engine
     from pgreact.router import load_routers
 
+    if grants_role is not None:
+        click.echo(installer.grants_sql(_settings(ctx).schema_name, grants_role), nl=False)
+        return
     settings = _load(ctx)
 
     async def main() -> None:
@@ -148,7 +195,13 @@ def install(ctx: click.Context, print_sql: bool, prune: bool) -> None:
                     plan = await installer.plan(conn, router, settings.schema_name, prune=prune)
                 click.echo(plan.sql, nl=False)
             else:
-                plan = await installer.install(engine, router, settings.schema_name, prune=prune)
+                plan = await installer.install(
+                    engine,
+                    router,
+                    settings.schema_name,
+                    prune=prune,
+                    on_wait=lambda message: click.echo(f"pgreact: {message}", err=True),
+                )
                 click.echo(
                     f"pgreact: schema {settings.schema_name!r} at version {plan.to_version}; "
                     f"{len(router.durable)} handler(s) on "
@@ -158,11 +211,11 @@ def install(ctx: click.Context, print_sql: bool, prune: bool) -> None:
             for note in plan.notes:
                 click.echo(f"pgreact: note: {note}", err=True)
         except Exception as exc:
-            raise _database_error("install", exc) from exc
+            raise _database_error("install", exc, settings) from exc
         finally:
             await engine.dispose()
 
-    _run(main)
+    _run(main, settings)
 
 
 # -- check ------------------------------------------------------------------------------------
@@ -175,8 +228,8 @@ def check(ctx: click.Context, replicas: int | None) -> None:
     """Validate configuration and database: connections, listener, triggers, connection budget."""
     from pgreact.checks import run_checks
 
-    settings = _load(ctx, replicas=replicas)
-    report = _run(lambda: run_checks(settings))
+    settings = _load(ctx, replicas=replicas, warn=False)  # check reports them itself
+    report = _run(lambda: run_checks(settings), settings)
     for line in report.lines():
         click.echo(line)
     sys.exit(0 if report.ok else 1)
@@ -189,7 +242,7 @@ def check(ctx: click.Context, replicas: int | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Per handler: pending, waiting for retry, dead, age of the oldest pending event."""
+    """Show, per handler, pending, waiting for retry, dead, and the oldest pending event's age."""
     settings = _load(ctx)
 
     async def main() -> list[dict[str, Any]]:
@@ -215,7 +268,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
             )
         return out
 
-    rows = _run(main)
+    rows = _run(main, settings)
     if as_json:
         click.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
         return
@@ -227,9 +280,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
                 r["pending"],
                 r["waiting_retry"],
                 r["dead"],
-                "-"
-                if r["oldest_pending_age_seconds"] is None
-                else f"{r['oldest_pending_age_seconds']:.1f}s",
+                human_age(r["oldest_pending_age_seconds"]),
             ]
             for r in rows
         ],
@@ -245,17 +296,18 @@ def dead() -> None:
 
 
 @dead.command("list")
-@click.option("--handler", "handler_name", help="Only this handler's dead letters.")
+@click.option("--handler", "handler_name", help="Show only this handler's dead letters.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--limit", type=int, default=1000, show_default=True)
+@click.option("--limit", type=int, default=1000, show_default=True, help="Show at most N.")
 @click.pass_context
 def dead_list(ctx: click.Context, handler_name: str | None, as_json: bool, limit: int) -> None:
-    """List dead-lettered events."""
+    """List dead-lettered events, oldest first."""
     settings = _load(ctx)
 
     async def main() -> list[dict[str, Any]]:
         async with _store_connection(settings) as (conn, store):
             letters = await store.dead_list(conn, handler_name, limit)
+            now = await _server_now(conn)
         return [
             {
                 "id": d.delivery_id,
@@ -268,16 +320,17 @@ def dead_list(ctx: click.Context, handler_name: str | None, as_json: bool, limit
                 "last_error": d.last_error,
                 "created_at": d.created_at.isoformat(),
                 "dead_at": d.dead_at.isoformat(),
+                "dead_for_seconds": max(0.0, (now - d.dead_at).total_seconds()),
             }
             for d in letters
         ]
 
-    rows = _run(main)
+    rows = _run(main, settings)
     if as_json:
         click.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
         return
     _table(
-        ["id", "handler", "table", "op", "key", "attempts", "last error"],
+        ["id", "handler", "table", "op", "key", "attempts", "dead for", "last error"],
         [
             [
                 r["id"],
@@ -286,6 +339,7 @@ def dead_list(ctx: click.Context, handler_name: str | None, as_json: bool, limit
                 r["op"],
                 r["key"],
                 r["attempts"],
+                human_age(r["dead_for_seconds"]),
                 (r["last_error"] or "").splitlines()[0][:80] if r["last_error"] else "",
             ]
             for r in rows
@@ -293,19 +347,108 @@ def dead_list(ctx: click.Context, handler_name: str | None, as_json: bool, limit
     )
 
 
-def _dead_action(name: str, verb: str) -> Callable[..., None]:
-    @click.option("--all", "all_", is_flag=True, help=f"{verb.capitalize()} every dead letter.")
+@dead.command("show")
+@click.argument("ids", nargs=-1, type=int, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def dead_show(ctx: click.Context, ids: Sequence[int], as_json: bool) -> None:
+    """Show everything stored about dead letters: row images, the full error, times."""
+    settings = _load(ctx)
+
+    async def main() -> tuple[list[dict[str, Any]], datetime]:
+        async with _store_connection(settings) as (conn, store):
+            letters = await store.dead_show(conn, ids)
+            return letters, await _server_now(conn)
+
+    letters, now = _run(main, settings)
+    _require_known(ids, {d["id"] for d in letters})
+    out = [_shown(d, now) for d in letters]
+    if as_json:
+        click.echo(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+        return
+    for index, d in enumerate(out):
+        if index:
+            click.echo("")
+        click.echo(f"dead letter {d['id']}: handler {d['handler']}, {d['op']} on {d['table']}")
+        click.echo(f"  key:        {d['key']}")
+        click.echo(f"  event id:   {d['event_id']}")
+        click.echo(f"  attempts:   {d['attempts']}")
+        for label, at, age in (
+            ("captured:", d["created_at"], d["captured_ago_seconds"]),
+            ("last fail:", d["failed_at"], d["failed_ago_seconds"]),
+            ("dead since:", d["dead_at"], d["dead_for_seconds"]),
+        ):
+            if at is not None:
+                click.echo(f"  {label:<11} {at} ({human_age(age)} ago)")
+        for label, image in (("new row:", d["new"]), ("old row:", d["old"])):
+            if image is not None:
+                click.echo(f"  {label:<11} {orjson.dumps(image).decode()}")
+        click.echo("  error:")
+        for line in (d["last_error"] or "(none recorded)").splitlines():
+            click.echo(f"    {line}")
+
+
+def _shown(d: dict[str, Any], now: datetime) -> dict[str, Any]:
+    def ago(at: datetime | None) -> float | None:
+        return None if at is None else max(0.0, (now - at).total_seconds())
+
+    def image(raw: Any) -> Any:
+        return orjson.loads(raw) if isinstance(raw, str | bytes) else raw
+
+    return {
+        "id": d["id"],
+        "handler": d["handler"],
+        "event_id": d["change_id"],
+        "table": d["table_name"],
+        "op": d["op"],
+        "key": d["row_key"],
+        "attempts": d["attempts"],
+        "last_error": d["last_error"],
+        "new": image(d["new_row"]),
+        "old": image(d["old_row"]),
+        "created_at": d["created_at"].isoformat(),
+        "failed_at": None if d["failed_at"] is None else d["failed_at"].isoformat(),
+        "dead_at": d["dead_at"].isoformat(),
+        "captured_ago_seconds": ago(d["created_at"]),
+        "failed_ago_seconds": ago(d["failed_at"]),
+        "dead_for_seconds": ago(d["dead_at"]),
+    }
+
+
+def _require_known(ids: Sequence[int], found: set[int]) -> None:
+    missing = sorted(set(ids) - found)
+    if missing:
+        _fail(
+            PgreactError(
+                f"no dead letter with ID {', '.join(map(str, missing))} (an event that is "
+                "still live, already requeued or purged, or a wrong ID: see `pgreact dead list`)"
+                "; nothing was changed"
+            )
+        )
+
+
+def _dead_action(name: str, verb: str, help_text: str) -> Callable[..., None]:
+    @click.option("--all", "all_", is_flag=True, help=f"{name.capitalize()} every dead letter.")
     @click.argument("ids", nargs=-1, type=int)
     @click.pass_context
-    def command(ctx: click.Context, all_: bool, ids: Sequence[int]) -> None:
+    def command(ctx: click.Context, /, all_: bool, ids: Sequence[int], **flags: bool) -> None:
         if all_ == bool(ids):
             raise click.UsageError("give either --all or one or more IDs (see `dead list`)")
         settings = _load(ctx)
+
+        async def count_all() -> int:
+            async with _store_connection(settings) as (conn, store):
+                return sum(s.dead for s in await store.stats(conn))
+
+        if name == "purge" and all_ and not flags.get("yes"):
+            _confirm_purge_all(_run(count_all, settings))
 
         async def main() -> int:
             from pgreact.installer import wake_channel
 
             async with _store_connection(settings) as (conn, store):
+                if not all_:
+                    _require_known(ids, {d["id"] for d in await store.dead_show(conn, ids)})
                 action = store.dead_retry if name == "retry" else store.dead_purge
                 count = await action(conn, None if all_ else list(ids))
                 if name == "retry" and count:
@@ -315,15 +458,71 @@ def _dead_action(name: str, verb: str) -> Callable[..., None]:
                     await conn.commit()
             return count
 
-        count: int = _run(main)
+        count: int = _run(main, settings)
         click.echo(f"pgreact: {count} dead letter(s) {verb}")
 
-    command.__doc__ = f"{verb.capitalize()} dead letters: --all, or the IDs from `dead list`."
+    command.__doc__ = help_text
     return command
 
 
-dead.command("retry")(_dead_action("retry", "requeued"))
-dead.command("purge")(_dead_action("purge", "purged"))
+def _confirm_purge_all(count: int) -> None:
+    """Purging every dead letter cannot be undone: ask, or refuse when nobody can answer."""
+    if count == 0:
+        return
+    question = f"Delete all {count} dead letter(s) of every handler for good?"
+    if not sys.stdin.isatty():
+        _fail(
+            PgreactError(
+                f"dead purge --all would delete {count} dead letter(s) for good and there is "
+                "no terminal to confirm it: add --yes"
+            )
+        )
+    if not click.confirm(question, default=False, err=True):
+        _fail(PgreactError("nothing purged"))
+
+
+dead.command("retry")(
+    _dead_action(
+        "retry",
+        "requeued",
+        "Requeue dead letters with a fresh attempt budget: --all, or IDs from `dead list`.",
+    )
+)
+dead.command("purge")(
+    click.option("--yes", is_flag=True, help="Purge --all without asking.")(
+        _dead_action(
+            "purge",
+            "purged",
+            "Delete dead letters for good: --all (asks unless --yes), or IDs from `dead list`.",
+        )
+    )
+)
+
+
+def human_age(seconds: float | None) -> str:
+    """An age as people read it: ``42s``, ``3m 12s``, ``2h 5m``, ``3d 4h``; ``-`` for none."""
+    if seconds is None:
+        return "-"
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    days, rest = divmod(whole, 86_400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
+
+
+async def _server_now(conn: AsyncConnection) -> datetime:
+    """The database's clock: ages are measured against the clock that stamped the rows."""
+    value = (await conn.exec_driver_sql("SELECT now()")).scalar_one()
+    await conn.commit()
+    return cast("datetime", value)
 
 
 # -- demo -------------------------------------------------------------------------------------
@@ -354,13 +553,14 @@ def demo(ctx: click.Context, duration: float, rate: float, http_port: int | None
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def _load(ctx: click.Context, **overrides: Any) -> Settings:
+def _load(ctx: click.Context, *, warn: bool = True, **overrides: Any) -> Settings:
     try:
         settings = _settings(ctx, **overrides)
         settings.require_database_url()
     except PgreactError as exc:
-        click.echo(f"pgreact: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        _fail(exc)
+    if warn:
+        _warn(settings)
     return settings
 
 
@@ -375,7 +575,7 @@ async def _store_connection(settings: Settings) -> AsyncIterator[tuple[AsyncConn
         try:
             conn = await engine.connect()
         except Exception as exc:
-            raise _database_error("connect", exc) from exc
+            raise _database_error("connect", exc, settings) from exc
         try:
             from pgreact.errors import SchemaError
             from pgreact.installer import schema_version
@@ -390,20 +590,29 @@ async def _store_connection(settings: Settings) -> AsyncIterator[tuple[AsyncConn
         except PgreactError:
             raise
         except Exception as exc:
-            raise _database_error("query", exc) from exc
+            raise _database_error("query", exc, settings) from exc
         finally:
             await conn.close()
     finally:
         await engine.dispose()
 
 
-def _database_error(what: str, exc: BaseException) -> PgreactError:
+def _database_error(
+    what: str, exc: BaseException, settings: Settings | None = None
+) -> PgreactError:
+    """One line: what failed, where (the masked URL), and the driver's first line."""
     if isinstance(exc, PgreactError):
         return exc
     from pgreact.settings import mask_url
 
-    first = (str(exc).splitlines() or [type(exc).__name__])[0]
-    return PgreactError(f"{what} failed: {type(exc).__name__}: {mask_url(first)}")
+    first = next((line for line in str(exc).splitlines() if line.strip()), "")
+    cause = exc.__cause__ or getattr(exc, "orig", None)
+    name = type(cause if isinstance(cause, BaseException) else exc).__name__
+    where = ""
+    if settings is not None and settings.database_url:
+        where = f" at {mask_url(settings.require_database_url())} (PGREACT_DATABASE_URL)"
+    first = re.sub(r"^\([\w.]+\) ", "", first)  # SQLAlchemy's "(driver.Error) " prefix
+    return PgreactError(f"{what} failed{where}: {name}: {mask_url(first) or 'no detail'}")
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> None:

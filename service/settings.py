@@ -24,6 +24,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -250,15 +251,24 @@ class Settings(BaseSettings):
 
     def _with_password(self, url: str) -> str:
         password = self._passwords.get(url)
-        if password is None:
-            return url
-        return make_url(url).set(password=password).render_as_string(hide_password=False)
+        return url if password is None else _insert_password(url, password)
 
     def require_handlers(self) -> list[str]:
         modules = self.handler_modules
         if not modules:
             raise ConfigError(f"PGREACT_HANDLERS is not set: {_HINTS['handlers']}")
         return modules
+
+
+def _insert_password(url: str, password: str) -> str:
+    """``url`` with ``password`` percent-encoded into its userinfo, the rest kept verbatim
+    (SQLAlchemy's rendering would leave a space unencoded, which libpq refuses)."""
+    scheme, _, rest = url.partition("://")
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority, tail = rest[:end], rest[end:]
+    userinfo, at, hosts = authority.rpartition("@")
+    user = userinfo.split(":", 1)[0] if at else ""
+    return f"{scheme}://{user}:{quote(password, safe='')}@{hosts}{tail}"
 
 
 def _pool_capacity(pool_size: object) -> int:

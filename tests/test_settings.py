@@ -428,6 +428,10 @@ def test_pgpassword_reaches_both_urls_and_the_url_password_wins() -> None:
     assert make_url(settings.require_database_url()).password == "p@ss w'rd%"
     assert make_url(settings.listen_dsn).password == "p@ss w'rd%"
     assert make_url(settings.listen_dsn).host == "direct"
+    import psycopg
+
+    # libpq itself (the psycopg listener) reads it back: a raw space would be refused.
+    assert psycopg.conninfo.conninfo_to_dict(settings.listen_dsn)["password"] == "p@ss w'rd%"
     assert "p@ss" not in mask_url(settings.require_database_url())
     own = load({"PGREACT_DATABASE_URL": ASYNCPG_URL, "PGPASSWORD": "other"})
     assert own.require_database_url() == ASYNCPG_URL
