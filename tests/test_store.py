@@ -4,13 +4,16 @@ which charges only crash suspects. Against a real server, for both drivers."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
+from pgreact.db import create_write_engine
 from pgreact.store import Store
-from tests.support import queue_for_noop_handler, sql
+from tests.support import make_settings, queue_for_noop_handler, sql
 
 pytestmark = pytest.mark.anyio
 
@@ -107,3 +110,47 @@ async def test_the_reaper_charges_a_crash_only_to_crash_suspects(
     # Once the handler is fixed, a dead letter requeued runs as an ordinary retry again.
     assert await survivor.dead_retry(conn, None) == 1
     assert state(pg_dsn, "1")[:3] == (0, False, False)
+
+
+async def test_the_claim_keeps_an_index_plan_after_a_bulk_load(pg_dsn: str, sa_url: str) -> None:
+    """The claim as the daemon runs it (the write engine's connection settings, the driver's
+    own prepared statement), run often on an empty queue, then 30,000 changes loaded without
+    ANALYZE: the plan it now gets must use the queue's indexes. A generic plan cached while the
+    queue was empty scanned it sequentially, with a sequential NOT EXISTS per row (quadratic:
+    14.7 s per claim at 10k rows)."""
+    await queue_for_noop_handler(pg_dsn, sa_url, 0)
+    engine = create_write_engine(make_settings(sa_url, pool_size=1, max_overflow=0))
+    claimer = store(owner=1)
+    try:
+        async with engine.connect() as conn:
+            # psycopg prepares on the 6th run; the server may settle on a generic plan 5 runs later
+            for token in range(1, 16):
+                assert await claimer.claim(conn, "h", 100, token=token) == []
+            sql(pg_dsn, "INSERT INTO source SELECT g, g FROM generate_series(1, 30000) g")
+            ((name, generic),) = (
+                await conn.exec_driver_sql(
+                    "SELECT name, generic_plans FROM pg_prepared_statements "
+                    "WHERE statement LIKE '%%fresh AS%%' AND statement LIKE '%%claim_token =%%' "
+                    "AND statement NOT LIKE '%%pg_prepared_statements%%'"
+                )
+            ).all()
+            values = {"handler": "h", "limit": 100, "suspects": 1, "owner": 1, "token": 99}
+            names = claimer._claim._names  # the order of the statement's parameters
+            literals = ", ".join(repr(values.get(n, 60.0)) for n in names)
+            explain = f"EXPLAIN (FORMAT JSON) EXECUTE {name}({literals})"
+            plan = (await conn.exec_driver_sql(explain)).scalar_one()
+            await conn.rollback()
+    finally:
+        await engine.dispose()
+    plan = json.loads(plan) if isinstance(plan, str) else plan
+    scans = list(_scans(plan[0]["Plan"]))
+    assert ("Seq Scan", "queue") not in scans, scans
+    assert any(kind.startswith("Index") and rel == "queue" for kind, rel in scans), scans
+    assert generic == 0, "a generic plan was used"
+
+
+def _scans(node: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    if "Relation Name" in node:
+        yield node["Node Type"], node["Relation Name"]
+    for child in node.get("Plans", []):
+        yield from _scans(child)
