@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import anyio
 import structlog
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from pgreact import installer
 from pgreact.metrics import Metrics
@@ -71,6 +71,7 @@ class Housekeeper:
         """Per handler whose table is not (fully) captured: what is wrong and the fix."""
         self._capture_logged_at = -1e9
         self._truncate_noted = False
+        self._fences_remain = False
 
     def reap_soon(self) -> None:
         """Reap at the next tick: e.g. the database is back after a restart, and claims this
@@ -104,6 +105,8 @@ class Housekeeper:
                 next_stats = now + self._stats_interval
                 await self._guarded(self.check_capture)
                 await self._guarded(self.refresh_stats)
+            elif self._fences_remain:
+                await self._guarded(self.release_fences)
             await anyio.sleep(TICK)
 
     async def reap(self) -> None:
@@ -133,12 +136,7 @@ class Housekeeper:
         """Is every handler's table still captured? And release finished key-change fences."""
         async with self._engine.connect() as conn:
             problems = await installer.capture_problems(conn, self._store.schema, self._durable)
-            released = await conn.scalar(
-                text(f"SELECT {quote_ident(self._store.schema)}.release_fences()")
-            )
-            await conn.commit()
-        if released:
-            self._wake_all()  # the new keys' later events may run now
+            await self._release_fences(conn)
         for name in self._handlers:
             self._metrics.capture_broken.labels(name).set(1 if name in problems else 0)
         now = time.monotonic()
@@ -160,6 +158,23 @@ class Housekeeper:
                     detail="a TRUNCATE of their tables is not delivered to them (their ops do "
                     "not include TRUNCATE); what they derived from the table goes stale",
                 )
+
+    async def release_fences(self) -> None:
+        async with self._engine.connect() as conn:
+            await self._release_fences(conn)
+
+    async def _release_fences(self, conn: AsyncConnection) -> None:
+        """Remove the fences of key-changing updates that were handled (or dead-lettered), so
+        the new key's later events go on; look again at every tick while some remain."""
+        row = (
+            await conn.execute(
+                text(f"SELECT * FROM {quote_ident(self._store.schema)}.release_fences()")
+            )
+        ).one()
+        await conn.commit()
+        self._fences_remain = bool(row[1])
+        if row[0]:
+            self._wake_all()
 
     async def _guarded(self, job: Callable[[], Awaitable[None]]) -> None:
         try:

@@ -95,8 +95,10 @@ class InstallPlan:
             )
         head = [
             "BEGIN",
-            f"SET LOCAL lock_timeout = '{round(LOCK_TIMEOUT * 1000)}ms'",
+            # Wait for another install as long as it takes (nothing is locked yet), but for
+            # a table lock only briefly: a waiting DDL statement queues every writer behind it.
             f"SELECT pg_advisory_xact_lock({lock_key(self.schema)}, 0)",
+            f"SET LOCAL lock_timeout = '{round(LOCK_TIMEOUT * 1000)}ms'",
         ]
         return "".join(f"{s};\n\n" for s in [*head, *self.statements, "COMMIT"])
 
@@ -528,11 +530,11 @@ async def install(
         try:
             async with engine.begin() as conn:
                 await conn.execute(
-                    text("SELECT set_config('lock_timeout', :t, true)"),
-                    {"t": f"{max(1, round(lock_timeout * 1000))}ms"},
+                    text("SELECT pg_advisory_xact_lock(:k, 0)"), {"k": lock_key(schema)}
                 )
                 await conn.execute(
-                    text("SELECT pg_advisory_xact_lock(:k, 0)"), {"k": lock_key(schema)}
+                    text("SELECT set_config('lock_timeout', :t, true)"),
+                    {"t": f"{max(1, round(lock_timeout * 1000))}ms"},
                 )
                 the_plan = await plan(conn, router, schema, prune=prune)
                 for statement in the_plan.statements:
@@ -544,7 +546,7 @@ async def install(
                 raise
             target = the_plan.targets[position] if the_plan and position >= 0 else None
             holders = await _lock_holders(engine, schema, target)
-            what = f"table {target}" if target else "pgreact's schema (another install?)"
+            what = f"table {target}" if target else "one of pgreact's own tables"
             message = (
                 f"install waited {lock_timeout:g} s for a lock on {what} and gave up; held by "
                 + (", ".join(holders) or "a session that has ended since")
@@ -560,7 +562,7 @@ async def install(
 
 
 async def _lock_holders(engine: AsyncEngine, schema: str, target: str | None) -> list[str]:
-    """The sessions holding a lock on ``target`` (a table; None: the install lock)."""
+    """The sessions holding a lock on ``target`` (a table; None: pgreact's own tables)."""
     async with engine.connect() as conn:
         rows = await conn.execute(
             text(
@@ -568,15 +570,15 @@ async def _lock_holders(engine: AsyncEngine, schema: str, target: str | None) ->
                 SELECT DISTINCT a.pid, l.mode, a.state, a.application_name,
                        extract(epoch FROM now() - a.xact_start)::int
                 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-                WHERE l.granted AND l.pid <> pg_backend_pid() AND CASE
-                    WHEN CAST(:t AS text) IS NULL THEN
-                        l.locktype = 'advisory' AND l.objsubid = 2 AND l.objid = 0
-                        AND l.classid = CAST(CAST(:k AS bigint) AS oid)
-                    ELSE l.locktype = 'relation' AND l.relation = to_regclass(:t) END
+                JOIN pg_class c ON c.oid = l.relation
+                WHERE l.granted AND l.pid <> pg_backend_pid() AND l.locktype = 'relation'
+                  AND CASE WHEN CAST(:t AS text) IS NULL
+                           THEN c.relnamespace = to_regnamespace(:schema)
+                           ELSE l.relation = to_regclass(:t) END
                 ORDER BY 1
                 """
             ),
-            {"t": None if target is None else _quoted(target), "k": lock_key(schema)},
+            {"t": None if target is None else _quoted(target), "schema": quote_ident(schema)},
         )
         return [
             f"pid {r[0]} ({r[1]}, {r[2]}, transaction open {r[4]} s"

@@ -226,17 +226,22 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     ORDER BY s.handler
 $$;
 
--- Remove fences whose delivery was handled (deleted) or dead-lettered; returns how many.
-CREATE FUNCTION __SCHEMA__.release_fences() RETURNS bigint
+-- Remove fences whose delivery was handled (deleted) or dead-lettered: how many went, and how
+-- many are left (the daemon looks again soon while some are).
+CREATE FUNCTION __SCHEMA__.release_fences(OUT released bigint, OUT remaining bigint)
 LANGUAGE sql AS $$
-    WITH gone AS (
-        DELETE FROM __SCHEMA__.queue f
+    WITH fences AS (
+        SELECT f.id, EXISTS (
+                   SELECT 1 FROM __SCHEMA__.queue r WHERE r.id = f.fence_for AND r.dead_at IS NULL
+               ) AS holding
+        FROM __SCHEMA__.queue f
         WHERE f.dead_at IS NULL AND f.last_error IS NOT NULL AND f.fence_for IS NOT NULL
-          AND NOT EXISTS (
-              SELECT 1 FROM __SCHEMA__.queue r WHERE r.id = f.fence_for AND r.dead_at IS NULL)
+    ), gone AS (
+        DELETE FROM __SCHEMA__.queue q USING fences
+        WHERE q.id = fences.id AND NOT fences.holding
         RETURNING 1
     )
-    SELECT count(*) FROM gone
+    SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM fences WHERE holding)
 $$;
 
 -- Nobody but the owner and the roles it grants to (`pgreact install --print-grants ROLE`)
