@@ -187,7 +187,7 @@ class HandlerCalls:
             )
             if isinstance(exc, anyio.get_cancelled_exc_class()) and _being_cancelled():
                 raise  # ours: the timeout (``run`` says which), or shutdown
-            error = self._overran(started)
+            error: Exception | None = self._overran(started)
             if error is None and not isinstance(exc, Exception):
                 error = HandlerAborted(
                     f"the handler raised {type(exc).__name__}({', '.join(map(repr, exc.args))})"
