@@ -68,6 +68,8 @@ class CheckReport:
 
 async def run_checks(settings: Settings) -> CheckReport:
     report = CheckReport()
+    for note in settings.config_warnings():  # misspelt variables, a capped concurrency
+        report.add("warn", "settings", note)
     router: Router | None = None
     try:
         router = load_routers(settings.require_handlers())

@@ -717,3 +717,18 @@ def test_human_age(seconds: float | None, shown: str) -> None:
     from pgreact.cli import human_age
 
     assert human_age(seconds) == shown
+
+
+def test_check_warns_about_a_capped_concurrency_and_misspelt_variables(
+    pg_dsn: str, sa_url: str, driver: str
+) -> None:
+    setup_installed(pg_dsn, sa_url)
+    env = db_env(pg_dsn, driver, PGREACT_CONCURRENCY="12", PGREACT_BATCH_SIZ="5")
+    result = cli("check", env=env)
+    assert result.returncode == 0, describe(result)  # warnings only
+    warned = [line for line in result.stdout.splitlines() if line.startswith("[WARN] settings:")]
+    assert len(warned) == 2, describe(result)
+    assert "PGREACT_CONCURRENCY=12 is capped at 9" in result.stdout
+    assert "PGREACT_BATCH_SIZ is not a pgreact setting" in result.stdout
+    assert "did you mean PGREACT_BATCH_SIZE?" in result.stdout
+    assert "pgreact: warning:" not in result.stderr  # reported once, in the check's report
