@@ -361,7 +361,7 @@ def dead_show(ctx: click.Context, ids: Sequence[int], as_json: bool) -> None:
             return letters, await _server_now(conn)
 
     letters, now = _run(main, settings)
-    _require_known(ids, {d["id"] for d in letters})
+    _require_known(ids, {d["id"] for d in letters}, changing=False)
     out = [_shown(d, now) for d in letters]
     if as_json:
         click.echo(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
@@ -415,14 +415,14 @@ def _shown(d: dict[str, Any], now: datetime) -> dict[str, Any]:
     }
 
 
-def _require_known(ids: Sequence[int], found: set[int]) -> None:
+def _require_known(ids: Sequence[int], found: set[int], *, changing: bool) -> None:
     missing = sorted(set(ids) - found)
     if missing:
         _fail(
             PgreactError(
                 f"no dead letter with ID {', '.join(map(str, missing))} (an event that is "
                 "still live, already requeued or purged, or a wrong ID: see `pgreact dead list`)"
-                "; nothing was changed"
+                + ("; nothing was changed" if changing else "")
             )
         )
 
@@ -448,7 +448,8 @@ def _dead_action(name: str, verb: str, help_text: str) -> Callable[..., None]:
 
             async with _store_connection(settings) as (conn, store):
                 if not all_:
-                    _require_known(ids, {d["id"] for d in await store.dead_show(conn, ids)})
+                    known = {d["id"] for d in await store.dead_show(conn, ids)}
+                    _require_known(ids, known, changing=True)
                 action = store.dead_retry if name == "retry" else store.dead_purge
                 count = await action(conn, None if all_ else list(ids))
                 if name == "retry" and count:

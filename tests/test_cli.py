@@ -612,7 +612,7 @@ def test_dead_show_prints_everything_and_names_unknown_ids(
     assert letter["last_error"].count("\n") == 3
     assert letter["failed_at"] is not None and 7500 < letter["dead_for_seconds"] < 7600
 
-    assert_one_line_error(unknown, 1, "999999", str(live_id), "nothing was changed")
+    assert_one_line_error(unknown, 1, "999999", str(live_id), "see `pgreact dead list`")
     assert str(dead_ids[0]) not in unknown.stderr.split("ID", 1)[1].split("(")[0]
 
     assert listed.returncode == 0, describe(listed)
