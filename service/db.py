@@ -395,7 +395,8 @@ def transaction_probe(conn: AsyncConnection) -> Callable[[], bool]:
     if conn.dialect.driver == "asyncpg":
         return lambda: bool(driver.is_in_transaction())
     idle = psycopg.pq.TransactionStatus.IDLE
-    return lambda: bool(driver.info.transaction_status != idle)
+    pgconn = driver.pgconn  # not ``driver.info``: that builds an object per call
+    return lambda: bool(pgconn.transaction_status != idle)
 
 
 async def driver_in_transaction(conn: AsyncConnection) -> bool:
