@@ -141,7 +141,6 @@ class Dispatcher:
             )
             for h in self._handlers
         }
-        self.claims = 0  # claims made so far (a storm of notifications must not multiply them)
 
     # -- control --------------------------------------------------------------------------
 
@@ -327,7 +326,6 @@ class Dispatcher:
         which cost the server more than the claims themselves."""
         handler = unit.handler
         async with self._claiming[handler.name]:
-            self.claims += 1
             # At most one crash suspect (an event whose process died before) in flight per
             # process: if it kills the process, nothing else is blamed.
             take_suspect = not self._suspect_inflight

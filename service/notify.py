@@ -6,6 +6,7 @@ the handlers. A full buffer drops (and counts) rather than stalling the LISTEN c
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -67,7 +68,11 @@ class NotifyDispatcher:
         try:
             with anyio.fail_after(self._timeout):
                 await handler.func(note)
-        except Exception as exc:
+        except BaseException as exc:
+            if isinstance(exc, anyio.get_cancelled_exc_class()) and _being_cancelled():
+                raise  # shutdown
+            # Anything else, SystemExit and KeyboardInterrupt included, fails this notification
+            # only: a handler does not get to stop the daemon.
             self._metrics.events_handled.labels(handler.name, "dead").inc()
             log.warning(
                 "notify_handler_failed",
@@ -83,3 +88,8 @@ class NotifyDispatcher:
         finally:
             elapsed = time.perf_counter() - started
             self._metrics.handler_duration.labels(handler.name).observe(elapsed)
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0

@@ -70,7 +70,6 @@ class Daemon:
         self._stop = anyio.Event()
         self._listener: Listener | None = None
         self._engine: AsyncEngine | None = None
-        self.dispatcher: Dispatcher | None = None
         self._housekeeper: Housekeeper | None = None
 
     def stop(self) -> None:
@@ -131,7 +130,6 @@ class Daemon:
                 watchdog=watchdog,
             ),
         )
-        self.dispatcher = dispatcher
         notify = NotifyDispatcher(self.router.notify, self.metrics, timeout=s.handler_timeout)
         housekeeper = Housekeeper(
             engine,

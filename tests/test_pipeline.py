@@ -301,6 +301,34 @@ async def test_on_notify_survives_bad_payloads(pg_dsn: str, sa_url: str) -> None
     assert all(n.channel == "cache_invalidation" and n.pid > 0 for n in got)
 
 
+async def test_an_on_notify_handler_raising_system_exit_does_not_stop_the_daemon(
+    pg_dsn: str, sa_url: str
+) -> None:
+    create_tables(pg_dsn)
+    router = effects_router()
+    got: list[str] = []
+
+    @router.on_notify("cache_invalidation", name="invalidate")
+    async def invalidate(note: Notification) -> None:
+        if note.payload == "exit":
+            raise SystemExit(1)
+        if note.payload == "interrupt":
+            raise KeyboardInterrupt
+        got.append(note.payload)
+
+    await install(sa_url, router)
+    async with running(make_settings(sa_url), router) as daemon:
+        sample = daemon.metrics.registry.get_sample_value
+        await wait_until(lambda: sample("pgreact_listener_connected") == 1, message="listening")
+        for payload in ["exit", "interrupt", "1"]:
+            sql(pg_dsn, "SELECT pg_notify('cache_invalidation', %s)", [payload])
+        await wait_until(lambda: got == ["1"], message="the notification after them")
+        failed = {"handler": "invalidate", "outcome": "dead"}
+        assert sample("pgreact_events_handled_total", failed) == 2
+        sql(pg_dsn, "INSERT INTO source VALUES (1, 1)")
+        await wait_until(lambda: effect_counts(pg_dsn)[0] == 2, message="durable effects")
+
+
 async def test_a_crash_suspect_runs_while_other_handlers_claim_beside_it(
     pg_dsn: str, sa_url: str
 ) -> None:
