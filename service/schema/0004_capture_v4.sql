@@ -10,11 +10,12 @@ UPDATE __SCHEMA__.subscriptions
 CREATE INDEX subscriptions_table_oid ON __SCHEMA__.subscriptions (table_oid);
 
 -- A fence: an UPDATE that changes a row's order key is delivered under its old key (after
--- the old key's earlier events, before its later ones) and leaves this never-claimed row under
--- its new key (run_at 'infinity'), so the new key's later events wait for it too. Fences have
--- last_error set, which keeps them in the small queue_suspect index where release_fences()
--- finds them; the daemon removes a fence once the delivery it stands for is gone or dead.
-ALTER TABLE __SCHEMA__.queue ADD COLUMN fence_for bigint;
+-- the old key's earlier events, before its later ones) and writes this never-claimed row
+-- (op 'FENCE', run_at 'infinity') under its new key, so the new key's later events wait for it
+-- too. A fence's row_key is the old key, which finds its delivery through queue_order; its
+-- last_error is set, which keeps fences in the small queue_suspect index where
+-- release_fences() looks for them. The daemon removes a fence once its delivery is gone
+-- (handled) or dead.
 
 -- Row images use `rows.*`, never a bare alias: a column named like the alias (`r`) would be
 -- taken for it, and the image would be that column's value.
@@ -69,45 +70,43 @@ END
 $$;
 
 -- One row change, for every handler subscribed to one of `rels` (the table, or a partition and
--- its ancestors). Only ever called by the capture functions, as the schema's owner.
+-- its ancestors), with a fence where an UPDATE changed the handler's order key. One statement.
+-- Only ever called by the capture functions, as the schema's owner.
 CREATE FUNCTION __SCHEMA__.enqueue_row(
     rels oid[], change_op text, new_img jsonb, old_img jsonb, pk text[]
 ) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     cid bigint := nextval('__SCHEMA__.change_id_seq');
+    -- The primary key's text after and before (the order key of handlers without key=).
+    new_pk text := __SCHEMA__.key_of(coalesce(new_img, old_img), pk);
+    old_pk text := CASE WHEN old_img IS NULL THEN new_pk ELSE __SCHEMA__.key_of(old_img, pk) END;
     n bigint;
 BEGIN
-    WITH sub AS (
-        SELECT s.handler, s.table_schema || '.' || s.table_name AS tname, s.ordered,
-               coalesce(s.key_columns, pk) AS cols
-        FROM __SCHEMA__.subscriptions s
-        WHERE s.table_oid = ANY (rels) AND change_op = ANY (s.ops)
-    ), delivered AS (
-        INSERT INTO __SCHEMA__.queue
-            (change_id, handler, table_name, op, row_key, order_key, new_row, old_row)
-        SELECT cid, sub.handler, sub.tname, change_op,
-               __SCHEMA__.key_of(coalesce(new_img, old_img), pk),
-               CASE WHEN sub.ordered
-                    THEN __SCHEMA__.key_of(coalesce(old_img, new_img), sub.cols) END,
-               new_img, old_img
-        FROM sub ORDER BY sub.handler
-        RETURNING id, handler, order_key
-    ), fenced AS (
-        INSERT INTO __SCHEMA__.queue
-            (change_id, handler, table_name, op, row_key, order_key, run_at, last_error,
-             fence_for)
-        SELECT cid, d.handler, sub.tname, 'FENCE', k.new_key, k.new_key, 'infinity',
-               'fence: holds later events of this key until delivery ' || d.id
-               || ' (an UPDATE that changed the key) is handled', d.id
-        FROM delivered d
-        JOIN sub ON sub.handler = d.handler
-        CROSS JOIN LATERAL (SELECT __SCHEMA__.key_of(new_img, sub.cols) AS new_key) k
-        WHERE change_op = 'UPDATE' AND d.order_key IS NOT NULL AND k.new_key IS NOT NULL
-          AND k.new_key <> d.order_key
-        RETURNING 1
-    )
-    SELECT count(*) INTO n FROM delivered;
+    INSERT INTO __SCHEMA__.queue (change_id, handler, table_name, op, row_key, order_key,
+                                  new_row, old_row, run_at, last_error)
+    SELECT cid, s.handler, s.table_schema || '.' || s.table_name,
+           v.op, v.row_key, v.order_key, v.new_row, v.old_row, v.run_at, v.last_error
+    FROM __SCHEMA__.subscriptions s
+    CROSS JOIN LATERAL (
+        SELECT CASE WHEN NOT s.ordered THEN NULL
+                    WHEN s.key_columns IS NULL THEN old_pk
+                    ELSE __SCHEMA__.key_of(coalesce(old_img, new_img), s.key_columns) END
+                   AS old_key,
+               CASE WHEN NOT s.ordered OR change_op <> 'UPDATE' THEN NULL
+                    WHEN s.key_columns IS NULL THEN new_pk
+                    ELSE __SCHEMA__.key_of(new_img, s.key_columns) END AS new_key
+    ) k
+    CROSS JOIN LATERAL (VALUES
+        (change_op, new_pk, k.old_key, new_img, old_img, '-infinity'::timestamptz, NULL::text),
+        ('FENCE', k.old_key, k.new_key, NULL, NULL, 'infinity',
+         'fence: holds the later events of this key until the UPDATE that gave a row this key '
+         || '(change ' || cid || ') is handled')
+    ) v (op, row_key, order_key, new_row, old_row, run_at, last_error)
+    WHERE s.table_oid = ANY (rels) AND change_op = ANY (s.ops)
+      AND (v.op <> 'FENCE' OR k.new_key <> k.old_key)
+    ORDER BY s.handler, v.op = 'FENCE';
+    GET DIAGNOSTICS n = ROW_COUNT;
     IF n > 0 THEN
         PERFORM __SCHEMA__.ring();
     END IF;
@@ -232,10 +231,12 @@ CREATE FUNCTION __SCHEMA__.release_fences(OUT released bigint, OUT remaining big
 LANGUAGE sql AS $$
     WITH fences AS (
         SELECT f.id, EXISTS (
-                   SELECT 1 FROM __SCHEMA__.queue r WHERE r.id = f.fence_for AND r.dead_at IS NULL
+                   SELECT 1 FROM __SCHEMA__.queue r
+                   WHERE r.handler = f.handler AND r.order_key = f.row_key
+                     AND r.change_id = f.change_id AND r.op <> 'FENCE' AND r.dead_at IS NULL
                ) AS holding
         FROM __SCHEMA__.queue f
-        WHERE f.dead_at IS NULL AND f.last_error IS NOT NULL AND f.fence_for IS NOT NULL
+        WHERE f.dead_at IS NULL AND f.last_error IS NOT NULL AND f.op = 'FENCE'
     ), gone AS (
         DELETE FROM __SCHEMA__.queue q USING fences
         WHERE q.id = fences.id AND NOT fences.holding
