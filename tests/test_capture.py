@@ -333,3 +333,89 @@ async def test_key_change_is_ordered_under_the_old_and_the_new_key(
         )
     assert effects(pg_dsn, "moves")[1] == ("UPDATE", "2", 2)
     assert sorted(effects(pg_dsn, "moves")[2:]) == [("INSERT", "1", 3), ("UPDATE", "2", 4)]
+
+
+async def test_a_fence_holds_until_its_update_is_handled_or_dead(pg_dsn: str, sa_url: str) -> None:
+    create_tables(pg_dsn)
+    router = Router()
+    router.on("source", name="plain")(noop)
+    router.on("source", name="by-v", key="v")(noop)
+    router.on("source", name="unordered", ordered=False)(noop)
+    await install(sa_url, router)
+    sql(pg_dsn, "INSERT INTO source VALUES (1, 1)")
+    sql(pg_dsn, "DELETE FROM pgreact.queue")
+    sql(pg_dsn, "UPDATE source SET payload = 'x'")  # neither key changes: no fence
+    sql(pg_dsn, "UPDATE source SET v = 2")  # by-v's key changes
+    sql(pg_dsn, "UPDATE source SET id = 2")  # the primary key changes
+    rows = sql(
+        pg_dsn,
+        "SELECT handler, op, row_key, order_key, run_at = 'infinity' FROM pgreact.queue "
+        "ORDER BY change_id, handler, id",
+    )
+    assert rows == [
+        ("by-v", "UPDATE", "1", "1", False),
+        ("plain", "UPDATE", "1", "1", False),
+        ("unordered", "UPDATE", "1", None, False),
+        ("by-v", "UPDATE", "1", "1", False),
+        ("by-v", "FENCE", "1", "2", True),  # the new key's later events wait for it
+        ("plain", "UPDATE", "1", "1", False),
+        ("unordered", "UPDATE", "1", None, False),
+        ("by-v", "UPDATE", "2", "2", False),
+        ("plain", "UPDATE", "2", "1", False),  # ordered under the old key ...
+        ("plain", "FENCE", "1", "2", True),  # ... and, through its fence, the new one
+        ("unordered", "UPDATE", "2", None, False),
+    ]
+
+    def release() -> tuple[int, int]:
+        released, remaining = sql(pg_dsn, "SELECT * FROM pgreact.release_fences()")[0]
+        return int(released), int(remaining)
+
+    assert release() == (0, 2)
+    # by-v's key change handled (acked: deleted), plain's dead-lettered: both fences go.
+    sql(pg_dsn, "DELETE FROM pgreact.queue WHERE handler = 'by-v' AND op = 'UPDATE'")
+    sql(
+        pg_dsn, "UPDATE pgreact.queue SET dead_at = now() WHERE handler = 'plain' AND op = 'UPDATE'"
+    )
+    assert release() == (2, 0)
+    assert sql(pg_dsn, "SELECT count(*) FROM pgreact.queue WHERE op = 'FENCE'") == [(0,)]
+
+
+async def test_disabled_or_dropped_capture_is_reported_and_reinstalled(
+    pg_dsn: str, sa_url: str
+) -> None:
+    create_tables(pg_dsn)
+    router = Router()
+    router.on("source", name="h", ops=("INSERT", "UPDATE"))(noop)
+    await install(sa_url, router)
+    assert await problems(sa_url, router) == {}
+    sql(pg_dsn, "ALTER TABLE source DISABLE TRIGGER pgreact_capture_insert")
+    sql(pg_dsn, "DROP TRIGGER pgreact_capture_truncate ON source")
+    found = (await problems(sa_url, router))["h"]
+    assert "public.source lacks capture of INSERT, TRUNCATE" in found
+    fix = await install(sa_url, router)
+    assert [s.split(" ON ")[0] for s in fix.statements] == [
+        'DROP TRIGGER IF EXISTS "pgreact_capture_insert"',
+        'CREATE TRIGGER "pgreact_capture_insert" AFTER INSERT',
+        'CREATE TRIGGER "pgreact_capture_truncate" AFTER TRUNCATE',
+    ]
+    assert await problems(sa_url, router) == {}
+
+
+async def test_partitioned_table_captured_by_version_3_is_upgraded_to_row_triggers(
+    pg_dsn: str, sa_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sql(pg_dsn, PARTITIONED)
+    router = Router()
+    router.on("measures", name="m")(noop)
+    version_3 = [m for m in installer.migration_files() if m[0] <= 3]
+    monkeypatch.setattr(installer, "migration_files", lambda: version_3)
+    await install(sa_url, router)
+    monkeypatch.undo()
+    sql(pg_dsn, "INSERT INTO measures_eu VALUES ('eu', 1, 1)")
+    assert queued(pg_dsn, "m") == []  # what version 3 lost
+    await install(sa_url, router)
+    sql(pg_dsn, "INSERT INTO measures_eu VALUES ('eu', 2, 1)")
+    assert [(t, op, k) for t, op, k, _, _ in queued(pg_dsn, "m")] == [
+        ("public.measures", "INSERT", key("eu", 2))
+    ]
+    assert await problems(sa_url, router) == {}
