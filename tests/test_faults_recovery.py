@@ -6,6 +6,7 @@ drivers; ``make chaos`` runs them longer (PGREACT_CHAOS_SCALE)."""
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from statistics import median
 from typing import Any
@@ -42,14 +43,18 @@ class PoisonError(Exception):
 
 
 class PoisonHandlers:
-    """The two effect handlers, refusing every row whose payload is 'poison' until fixed."""
+    """The two effect handlers, refusing every row whose payload is 'poison' until fixed.
+    ``clean_calls`` counts, per handler, the calls each clean event was part of."""
 
     def __init__(self) -> None:
         self.fixed = False
+        self.clean_calls: Counter[str] = Counter()
 
-    def check(self, event: Event) -> None:
+    def check(self, handler: str, event: Event) -> None:
         image = event.new or event.old or {}
-        if not self.fixed and image.get("payload") == POISON:
+        if image.get("payload") != POISON:
+            self.clean_calls[handler] += 1
+        elif not self.fixed:
             raise PoisonError(f"cannot handle row {event.key}")
 
     def router(self) -> Router:
@@ -57,13 +62,13 @@ class PoisonHandlers:
 
         @router.on("source", name="single")
         async def single(event: Event, session: AsyncSession) -> None:
-            self.check(event)
+            self.check("single", event)
             await session.execute(EFFECT, effect_row("single", event))
 
-        @router.on_batch("public.source", name="batch", max_size=50)
+        @router.on_batch("public.source", name="batch", max_size=BATCH_MAX)
         async def batch(events: Sequence[Event], session: AsyncSession) -> None:
             for event in events:
-                self.check(event)
+                self.check("batch", event)
             await session.execute(EFFECT, [effect_row("batch", e) for e in events])
 
         return router
@@ -71,19 +76,29 @@ class PoisonHandlers:
 
 BURST_BASE = 10**9  # burst keys: above the workload's, below the probes'
 MAX_ATTEMPTS = 3
-ROUNDS = 9  # poisoned bursts, each followed by a clean one
+BATCH_MAX = 50
+ROUNDS = 12  # poisoned bursts, each followed by a clean one
 BURST_ROWS = round(2400 * SCALE)  # most of a second in CI: shorter bursts are start and tail
-POISON_FLOOR = 0.8  # throughput with 1 % poison over clean, below which the case fails
+# Throughput with 1 % poison over clean, below which the case fails. Where it sits, measured
+# with this estimator (2,400-row bursts, median of the rounds; both drivers, on a 2-core machine
+# shared with other test runs): with no poison at all 0.89-1.09 (nine rounds) and 0.91-1.04
+# (twelve); with 1 % poison 0.87-0.99; with the poison path slowed on purpose (the batch's
+# blame ignored, bisection by halves, a transaction per step) 0.52-0.60.
+POISON_FLOOR = 0.75
 
 
 class Bursts:
     """Measures how fast each handler gets through a burst of new rows committed at once."""
 
-    def __init__(self, dsn: str, daemon: Daemon, rows: int) -> None:
+    def __init__(self, dsn: str, daemon: Daemon, rows: int, handlers: PoisonHandlers) -> None:
         self.dsn = dsn
         self.daemon = daemon
         self.rows = rows
+        self.handlers = handlers
         self.number = 0
+        # Per handler, calls of clean events beyond one each, and poison rows, over the bursts.
+        self.reruns: Counter[str] = Counter()
+        self.poisoned = 0
 
     def _count(self, handler: str, outcome: str) -> float:
         sample = self.daemon.metrics.registry.get_sample_value
@@ -104,6 +119,7 @@ class Bursts:
         clean = self.rows - poisoned
         ok = {h: self._count(h, "ok") for h in HANDLERS}
         dead = {h: self._count(h, "dead") for h in HANDLERS}
+        calls = dict(self.handlers.clean_calls)
         sql(
             self.dsn,
             f"INSERT INTO source (id, v, payload) SELECT g, 0, {payload} "
@@ -124,6 +140,9 @@ class Bursts:
             timeout=30 * SCALE,
             message=f"{poisoned} poison rows dead-lettered",
         )
+        for h in HANDLERS:
+            self.reruns[h] += self.handlers.clean_calls[h] - calls.get(h, 0) - clean
+        self.poisoned += poisoned
         return {h: clean / elapsed[h] for h in HANDLERS}
 
 
@@ -159,7 +178,7 @@ async def test_poison_is_dead_lettered_without_slowing_the_rest_and_retried_once
         # Throughput: bursts with 1 % poison, each between two bursts without (same size, same
         # daemon), compared with the mean of its two neighbours, which cancels the machine's
         # drift; the median of the rounds, which damps its noise.
-        bursts = Bursts(dsn, daemon, rows=BURST_ROWS)
+        bursts = Bursts(dsn, daemon, rows=BURST_ROWS, handlers=handlers)
         await bursts.run()  # warm-up: pooled connections, prepared plans
         clean, poisoned = [await bursts.run()], []
         for _ in range(ROUNDS):
@@ -198,21 +217,28 @@ async def test_poison_is_dead_lettered_without_slowing_the_rest_and_retried_once
         clean_rate, poisoned_rate = rates[v.handler]
         note = (
             f"throughput with 1% poison {ratio[v.handler]:.2f}x clean (median of {ROUNDS} "
-            f"rounds; {poisoned_rate:.0f} vs {clean_rate:.0f} ev/s); {dead} dead letters, "
-            "then retried"
+            f"rounds; {poisoned_rate:.0f} vs {clean_rate:.0f} ev/s; clean events re-run "
+            f"{bursts.reruns[v.handler]} times for {bursts.poisoned} poison rows); {dead} dead "
+            "letters, then retried"
         )
         report("poison, dead retry", driver, [v], recovery, note)
     assert attempts == [(MAX_ATTEMPTS,)]
+    # What the poison costs the other events, counted rather than timed (a timing this short
+    # cannot resolve a few per cent). A poison handler raises before writing: an ``on`` group
+    # keeps the calls before it and runs none twice; an ``on_batch`` call stopped at the poison
+    # runs once more without it, so each poison row re-runs at most a batch's other events.
+    assert bursts.poisoned > 0
+    assert bursts.reruns["single"] == 0, bursts.reruns
+    assert 0 < bursts.reruns["batch"] <= bursts.poisoned * (BATCH_MAX - 1), bursts.reruns
     for v in before:  # while poisoned: every poison change dead, nothing else missing
         assert v.dead == dead > 0 and v.lost == v.duplicates == v.out_of_order == 0, v
     assert_clean(verdicts)  # after the retry: each retried event handled exactly once, in order
     for v in verdicts:
         assert v.dead == 0 and v.effects == v.changes, v
-    # The criterion is 0.9. A burst of a second on a shared 2-core machine is noisy: with no
-    # poison at all, this estimator read 0.95-1.10 here (nine rounds), and with poison mostly
-    # 0.90-1.00, once 0.85. So CI holds the line at 0.8, below which a stall, a retry storm or
-    # the old way of finding a batch's poison event (a committed transaction per bisection
-    # step: 0.69-0.80) falls; the soak's longer bursts report the figure of every run.
+    # The criterion is 0.9, but a burst of a second on a shared 2-core machine reads anywhere
+    # in 0.89-1.09 against itself (POISON_FLOOR): CI holds the line below that noise, where a
+    # stall, a retry storm or a poison search that redoes work falls; the soak's longer bursts
+    # report the figure of every run.
     assert min(ratio.values()) >= POISON_FLOOR, ratio
 
 
