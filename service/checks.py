@@ -471,6 +471,7 @@ async def _check_install(
         report.add("fail", "triggers", "; ".join(problems[name] for name in sorted(problems)))
     else:
         report.add("ok", "triggers", f"capture in place for {len(router.durable)} handler(s)")
+    await _check_privileges(conn, schema, report)
     deaf = installer.truncate_deaf(router.durable)
     if deaf:
         report.add(
@@ -480,6 +481,59 @@ async def _check_install(
             "TRUNCATE of their table warns the truncating session): what they derived from "
             "a truncated table goes stale unless they subscribe with ops=(..., 'TRUNCATE')",
         )
+
+
+async def _check_privileges(conn: AsyncConnection, schema: str, report: CheckReport) -> None:
+    """Capture runs as the schema's owner, and nobody else need (or should) be able to write
+    events or subscriptions: grants that writers needed before version 4 are flagged."""
+    owner, superuser = (
+        await conn.execute(
+            text(
+                "SELECT r.rolname, r.rolsuper FROM pg_namespace n "
+                "JOIN pg_roles r ON r.oid = n.nspowner WHERE n.nspname = :schema"
+            ),
+            {"schema": schema},
+        )
+    ).one()
+    forgers = [
+        f"{r[0] or 'PUBLIC'} may {r[1]} {r[2]}"
+        for r in await conn.execute(
+            text(
+                """
+                SELECT DISTINCT g.rolname, a.privilege_type, c.relname
+                FROM pg_class c
+                JOIN pg_namespace n ON n.oid = c.relnamespace
+                CROSS JOIN LATERAL aclexplode(c.relacl) a
+                LEFT JOIN pg_roles g ON g.oid = a.grantee
+                WHERE n.nspname = :schema AND a.grantee <> c.relowner
+                  AND (c.relname = 'queue' AND a.privilege_type = 'INSERT'
+                       OR c.relname = 'subscriptions'
+                          AND a.privilege_type IN ('INSERT', 'UPDATE', 'DELETE'))
+                ORDER BY 1, 3, 2
+                """
+            ),
+            {"schema": schema},
+        )
+    ]
+    if forgers:
+        report.add(
+            "warn",
+            "privileges",
+            f"{'; '.join(forgers)} in schema {schema!r}: such a role can forge events or "
+            "subscriptions. Capture needs no grant since schema version 4 (it runs as the "
+            "schema's owner): revoke them (see `pgreact install --print-grants ROLE` for what "
+            "the daemon's role needs)",
+        )
+    if superuser:
+        report.add(
+            "warn",
+            "privileges",
+            f"schema {schema!r} is owned by superuser {owner!r}, and capture runs as its owner: "
+            "run `pgreact install` as a dedicated owner role (CREATE on the database, TRIGGER "
+            "on the watched tables) instead",
+        )
+    elif not forgers:
+        report.add("ok", "privileges", f"capture runs as {owner!r}; no other role can write events")
 
 
 async def _check_listener(settings: Settings, report: CheckReport) -> None:

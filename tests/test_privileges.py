@@ -152,3 +152,39 @@ async def test_nothing_of_pgreact_is_granted_to_public(pg_dsn: str, sa_url: str)
         "capture_update",
     ]
     assert all(r[1] and r[2] == ["search_path=pg_catalog, pg_temp"] for r in definer)
+
+
+async def test_check_flags_roles_that_can_forge_and_a_superuser_owner(
+    pg_dsn: str, sa_url: str, driver: str, roles: Roles
+) -> None:
+    create_tables(pg_dsn)
+    owner, writer = roles("owner"), roles("writer")
+    database = unquote(urlsplit(pg_dsn).path.lstrip("/"))
+    sql(pg_dsn, f'GRANT CREATE ON DATABASE "{database}" TO {owner}')
+    sql(pg_dsn, f"GRANT TRIGGER ON source TO {owner}")
+    await install(to_sa_url(as_role(pg_dsn, owner), driver), effects_router)
+    # What a writer needed before version 4 (capture ran as the writer).
+    sql(as_role(pg_dsn, owner), f"GRANT USAGE ON SCHEMA pgreact TO {writer}")
+    sql(as_role(pg_dsn, owner), f"GRANT INSERT ON pgreact.queue TO {writer}")
+    env = {
+        "PGREACT_DATABASE_URL": sa_url,
+        "PGREACT_HANDLERS": "handlers.effects",
+        "PGREACT_HTTP_PORT": "0",
+    }
+
+    def privileges() -> list[str]:
+        result = pgreact_cli("check", env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return [line for line in result.stdout.splitlines() if "] privileges:" in line]
+
+    flagged = privileges()
+    assert len(flagged) == 1 and flagged[0].startswith("[WARN]"), flagged
+    assert f"{writer} may INSERT queue" in flagged[0] and "revoke" in flagged[0]
+    sql(as_role(pg_dsn, owner), f"REVOKE INSERT ON pgreact.queue FROM {writer}")
+    assert privileges() == [
+        f"[OK  ] privileges: capture runs as '{owner}'; no other role can write events"
+    ]
+    superuser = sql(pg_dsn, "SELECT current_user")[0][0]  # the test server's
+    sql(pg_dsn, f'ALTER SCHEMA pgreact OWNER TO "{superuser}"')
+    (flagged,) = privileges()
+    assert flagged.startswith("[WARN]") and f"owned by superuser '{superuser}'" in flagged
