@@ -249,14 +249,6 @@ def _decode_args(hex_args: str) -> tuple[str, ...]:
     return tuple(part.decode() for part in raw.split(b"\x00")[:-1])
 
 
-async def installed_triggers(conn: AsyncConnection, schema: str) -> dict[TableName, set[Op]]:
-    """Which ops are captured, per table (partitions' own TRUNCATE triggers included)."""
-    found: dict[TableName, set[Op]] = defaultdict(set)
-    for trigger in await capture_triggers(conn, schema):
-        found[TableName(trigger.relation.schema, trigger.relation.name)] |= trigger.ops
-    return dict(found)
-
-
 async def _relation(conn: AsyncConnection, table: TableName) -> tuple[Relation, str] | None:
     row = (
         await conn.execute(
