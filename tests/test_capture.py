@@ -419,3 +419,28 @@ async def test_partitioned_table_captured_by_version_3_is_upgraded_to_row_trigge
         ("public.measures", "INSERT", key("eu", 2))
     ]
     assert await problems(sa_url, router) == {}
+
+
+# -- the doorbell under a long transaction ----------------------------------------------------
+
+
+async def test_an_open_transaction_that_rang_never_blocks_other_writers(
+    pg_dsn: str, sa_url: str
+) -> None:
+    """The first writer after the daemon went idle disarms the bell in its own transaction. While
+    that transaction stays open, other writers must neither wait for it nor go unannounced: with
+    the sweep an hour away, only their own wake-up gets their changes handled."""
+    create_tables(pg_dsn)
+    router = recording_router("bell")
+    await install(sa_url, router)
+    async with running(make_settings(sa_url, sweep_interval=3600), router):
+        await wait_until(lambda: sql(pg_dsn, "SELECT armed FROM pgreact.doorbell") == [(True,)])
+        with psycopg.connect(libpq(pg_dsn)) as holder:
+            holder.execute("INSERT INTO source VALUES (1, 1)")  # rings; stays open
+            with psycopg.connect(libpq(pg_dsn), autocommit=True) as writer:
+                writer.execute("SET lock_timeout = '3s'")
+                writer.execute("INSERT INTO source VALUES (2, 2)")  # v1: lock timeout
+            await wait_until(lambda: effects(pg_dsn, "bell") == [("INSERT", "2", 2)], timeout=15)
+            holder.commit()
+        await wait_until(lambda: len(effects(pg_dsn, "bell")) == 2, timeout=15)
+    assert sorted(effects(pg_dsn, "bell")) == [("INSERT", "1", 1), ("INSERT", "2", 2)]

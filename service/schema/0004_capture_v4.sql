@@ -17,6 +17,23 @@ CREATE INDEX subscriptions_table_oid ON __SCHEMA__.subscriptions (table_oid);
 -- release_fences() looks for them. The daemon removes a fence once its delivery is gone
 -- (handled) or dead.
 
+-- The doorbell never makes a writer wait. Version 1 disarmed it with a plain UPDATE: while the
+-- transaction that disarmed it was open (an import, a forgotten `idle in transaction`), every
+-- other writer that still saw the bell armed queued on its row lock until that transaction
+-- ended. Now a writer that finds the row locked skips it and rings itself: NOTIFY per commit
+-- costs a little (commits take the notify lock), but only while a ringer is in flight.
+CREATE OR REPLACE FUNCTION __SCHEMA__.ring() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF (SELECT armed FROM __SCHEMA__.doorbell) THEN
+        UPDATE __SCHEMA__.doorbell SET armed = false
+        WHERE id = (SELECT id FROM __SCHEMA__.doorbell WHERE armed FOR UPDATE SKIP LOCKED);
+        -- Disarmed here, or held by a writer that rings only when (and if) it commits: ring.
+        PERFORM pg_notify(__CHANNEL__, '');
+    END IF;
+END
+$$;
+
 -- Row images use `rows.*`, never a bare alias: a column named like the alias (`r`) would be
 -- taken for it, and the image would be that column's value.
 CREATE OR REPLACE FUNCTION __SCHEMA__.capture_insert() RETURNS trigger
