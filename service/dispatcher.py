@@ -11,11 +11,13 @@ giving up the rest, is the executor's job (``service/executor.py``). Events that
 run alone, so a poison event costs one batch re-run, not ten; crash suspects (events whose
 process died) run one per process at a time, so a crash is charged to nothing else.
 
-A notification is a hint, and anyone who may connect can send one: a handler whose claim found
-nothing leaves further hints waiting for :data:`QUIET_AFTER_EMPTY` seconds (coalesced into one
-wake-up), so that a storm of notifications costs a few claims a second, not one per
-notification. Wake-ups that are not hints (the doorbell found rung when re-armed, a unit that
-freed a key, a retry falling due, the sweep, the listener reconnecting) are never held back.
+A notification is a hint, and anyone who may connect can send one: a handler whose claim, woken
+by hints alone, found nothing leaves further hints waiting for :data:`QUIET_AFTER_EMPTY` seconds
+(coalesced into one wake-up), so that a storm of notifications costs a few claims a second, not
+one per notification. A real doorbell ring finds the change it announces, so it never enters
+that state; a claim that finds work leaves it. Wake-ups that are not hints (the doorbell found
+rung when re-armed, a unit that freed a key, a retry falling due, the sweep, the listener
+reconnecting) are never held back.
 """
 
 from __future__ import annotations
@@ -78,15 +80,18 @@ class Wakeup:
         if not hint:
             self._firm.set()
 
-    async def wait(self, quiet_until: float = 0.0) -> None:
-        """Return after a ring; hints only once ``quiet_until`` (``time.monotonic()``) passed."""
+    async def wait(self, quiet_until: float = 0.0) -> bool:
+        """Return after a ring; hints only once ``quiet_until`` (``time.monotonic()``) passed.
+        True when a ring that is not a hint was among them."""
         delay = quiet_until - time.monotonic()
         if delay > 0 and not self._firm.is_set():
             with anyio.move_on_after(delay):
                 await self._firm.wait()
         await self._any.wait()
+        firm = self._firm.is_set()
         self._any = anyio.Event()
         self._firm = anyio.Event()
+        return firm
 
 
 class Dispatcher:
@@ -225,24 +230,27 @@ class Dispatcher:
         finally:
             self._arming = False
 
-    async def _wait_for_work(self, handler: str, wakeup: Wakeup, quiet_until: float) -> None:
+    async def _wait_for_work(self, handler: str, wakeup: Wakeup, quiet_until: float) -> bool:
+        """Wait for a wake-up; True unless hints alone woke the handler."""
         self._idle.add(handler)
         self._check_idle()
         try:
-            await self._wait_for_wakeup(handler, wakeup, quiet_until)
+            return await self._wait_for_wakeup(handler, wakeup, quiet_until)
         finally:
             self._idle.discard(handler)
 
-    async def _wait_for_wakeup(self, handler: str, wakeup: Wakeup, quiet_until: float) -> None:
+    async def _wait_for_wakeup(self, handler: str, wakeup: Wakeup, quiet_until: float) -> bool:
         due = self._retry_due[handler]
         if not due:
-            await wakeup.wait(quiet_until)
-            return
+            return await wakeup.wait(quiet_until)
+        firm = True  # a retry falling due
         with anyio.move_on_after(max(0.0, due[0] - time.monotonic()) + 0.01):
-            await wakeup.wait(quiet_until)
+            firm = await wakeup.wait(quiet_until)
         now = time.monotonic()
         while due and due[0] <= now:
             heapq.heappop(due)
+            firm = True
+        return firm
 
     # -- per handler ----------------------------------------------------------------------
 
@@ -256,11 +264,11 @@ class Dispatcher:
         limit = handler.max_size if handler.batch else self._config.batch_size
         wakeup = self._wakeups[handler.name]
         retry_delay = RETRY_MIN
-        quiet_until = 0.0  # hints wait until then (the last claim found nothing)
+        quiet_until = 0.0  # hints wait until then (a claim woken by hints alone found nothing)
         await self._may_claim.wait()
         async with anyio.create_task_group() as units:
             while not self._stopping:
-                await self._wait_for_work(handler.name, wakeup, quiet_until)
+                by_hints = not await self._wait_for_work(handler.name, wakeup, quiet_until)
                 while not self._stopping:
                     await self._slots.acquire()
                     if self._stopping:
@@ -275,8 +283,11 @@ class Dispatcher:
                         retry_delay = min(RETRY_MAX, retry_delay * 2)
                         continue
                     retry_delay = RETRY_MIN
-                    if claimed == 0:
+                    if claimed == 0 and by_hints:
                         quiet_until = time.monotonic() + QUIET_AFTER_EMPTY
+                    elif claimed > 0:
+                        quiet_until = 0.0
+                    by_hints = False
                     if claimed < limit:
                         break
 

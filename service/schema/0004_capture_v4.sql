@@ -22,14 +22,19 @@ CREATE INDEX subscriptions_table_oid ON __SCHEMA__.subscriptions (table_oid);
 -- other writer that still saw the bell armed queued on its row lock until that transaction
 -- ended. Now a writer that finds the row locked skips it and rings itself: NOTIFY per commit
 -- costs a little (commits take the notify lock), but only while a ringer is in flight.
-CREATE OR REPLACE FUNCTION __SCHEMA__.ring() RETURNS void
+DROP FUNCTION __SCHEMA__.ring();
+-- The wake-up names the (installed name of the) table, so the daemon wakes only its handlers;
+-- any other handler's change committed while the bell is down is found when it is re-armed.
+CREATE FUNCTION __SCHEMA__.ring(rels oid[]) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF (SELECT armed FROM __SCHEMA__.doorbell) THEN
         UPDATE __SCHEMA__.doorbell SET armed = false
         WHERE id = (SELECT id FROM __SCHEMA__.doorbell WHERE armed FOR UPDATE SKIP LOCKED);
         -- Disarmed here, or held by a writer that rings only when (and if) it commits: ring.
-        PERFORM pg_notify(__CHANNEL__, '');
+        PERFORM pg_notify(__CHANNEL__, coalesce((
+            SELECT min(s.table_schema || '.' || s.table_name)
+            FROM __SCHEMA__.subscriptions s WHERE s.table_oid = ANY (rels)), ''));
     END IF;
 END
 $$;
@@ -55,7 +60,7 @@ BEGIN
     ORDER BY c.change_id, s.handler;
     GET DIAGNOSTICS n = ROW_COUNT;
     IF n > 0 THEN
-        PERFORM __SCHEMA__.ring();
+        PERFORM __SCHEMA__.ring(ARRAY[TG_RELID]);
     END IF;
     RETURN NULL;
 END
@@ -80,7 +85,7 @@ BEGIN
     ORDER BY c.change_id, s.handler;
     GET DIAGNOSTICS n = ROW_COUNT;
     IF n > 0 THEN
-        PERFORM __SCHEMA__.ring();
+        PERFORM __SCHEMA__.ring(ARRAY[TG_RELID]);
     END IF;
     RETURN NULL;
 END
@@ -125,7 +130,7 @@ BEGIN
     ORDER BY s.handler, v.op = 'FENCE';
     GET DIAGNOSTICS n = ROW_COUNT;
     IF n > 0 THEN
-        PERFORM __SCHEMA__.ring();
+        PERFORM __SCHEMA__.ring(rels);
     END IF;
 END
 $$;
@@ -199,7 +204,7 @@ BEGIN
                 'subscribe them with ops=(..., "TRUNCATE").';
     END IF;
     IF n > 0 THEN
-        PERFORM __SCHEMA__.ring();
+        PERFORM __SCHEMA__.ring(rels);
     END IF;
     RETURN NULL;
 END
