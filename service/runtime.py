@@ -109,8 +109,8 @@ class Daemon:
         # absorbs those spikes.
         capacity = max(1, s.pool_size - 1)
         concurrency = min(s.concurrency, capacity)
-        if concurrency < s.concurrency:
-            log.info(
+        if concurrency < s.concurrency:  # start-up warned already (settings.config_warnings)
+            log.debug(
                 "concurrency_capped",
                 requested=s.concurrency,
                 effective=concurrency,
