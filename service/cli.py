@@ -6,7 +6,7 @@ import contextlib
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
@@ -16,7 +16,7 @@ import click
 import orjson
 import structlog
 
-from pgreact.errors import PgreactError
+from pgreact.errors import PgreactError, leaf_errors
 from pgreact.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ def _run(main: Callable[[], Awaitable[T]], settings: Settings | None = None) -> 
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:
-        leaves = list(_leaves(exc))
+        leaves = list(leaf_errors(exc))
         mine = [e for e in leaves if isinstance(e, PgreactError)]
         if mine:
             _fail(mine[0])
@@ -53,15 +53,6 @@ def _run(main: Callable[[], Awaitable[T]], settings: Settings | None = None) -> 
         if outside:
             _fail(_database_error("database access", outside[0], settings))
         raise
-
-
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
-    """The exceptions a task group wrapped (``exc`` itself if it is no group)."""
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield exc
 
 
 def _is_environment_error(exc: BaseException) -> bool:

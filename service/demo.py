@@ -29,7 +29,7 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -51,7 +51,7 @@ from pgreact.demo_handlers import (
     TOTALS_HANDLER,
 )
 from pgreact.devserver import EmbeddedPostgres
-from pgreact.errors import ConfigError, DatabaseUnavailable, PgreactError
+from pgreact.errors import ConfigError, DatabaseUnavailable, PgreactError, leaf_errors
 from pgreact.metrics import Metrics
 from pgreact.router import Router, load_routers
 from pgreact.runtime import Daemon
@@ -136,16 +136,8 @@ async def run_demo(
 def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """A task group wraps even a single error; give the caller (and the CLI's exit code mapping)
     the error itself when there is just one."""
-    leaves = list(_leaves(group))
+    leaves = list(leaf_errors(group))
     return leaves[0] if len(leaves) == 1 else group
-
-
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield exc
 
 
 async def _demo(

@@ -16,6 +16,8 @@ user can act on. Driver errors are translated at the boundary with ``raise ... f
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class PgreactError(Exception):
     """Base of every error pgreact raises on purpose."""
@@ -61,3 +63,12 @@ class HttpBindError(PgreactError):
 class LeaseLost(PgreactError):
     """Another process took over an event this process had claimed (its claim expired or its
     presence lock was lost). The handler's transaction is rolled back, so nothing is done twice."""
+
+
+def leaf_errors(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions a task group wrapped, however deeply (``exc`` itself if it is no group)."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from leaf_errors(inner)
+    else:
+        yield exc
