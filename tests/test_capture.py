@@ -444,3 +444,35 @@ async def test_an_open_transaction_that_rang_never_blocks_other_writers(
             holder.commit()
         await wait_until(lambda: len(effects(pg_dsn, "bell")) == 2, timeout=15)
     assert sorted(effects(pg_dsn, "bell")) == [("INSERT", "1", 1), ("INSERT", "2", 2)]
+
+
+async def test_repeatable_read_and_serializable_writers_never_fail_on_the_doorbell(
+    pg_dsn: str, sa_url: str
+) -> None:
+    """A writer whose snapshot saw the bell armed, after another writer disarmed it and the
+    daemon re-armed it, must neither fail ("could not serialize access") nor go unannounced:
+    with the sweep an hour away, only the wake-ups get the changes handled."""
+    create_tables(pg_dsn)
+    router = recording_router("iso")
+    await install(sa_url, router)
+
+    def armed() -> bool:
+        return sql(pg_dsn, "SELECT armed FROM pgreact.doorbell") == [(True,)]
+
+    async with running(make_settings(sa_url, sweep_interval=3600), router):
+        await wait_until(armed, message="the bell armed")
+        with psycopg.connect(libpq(pg_dsn)) as rr, psycopg.connect(libpq(pg_dsn)) as ser:
+            rr.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            ser.execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+            for conn in (rr, ser):
+                conn.execute("SELECT count(*) FROM source")  # the snapshot: the bell armed
+            sql(pg_dsn, "INSERT INTO source VALUES (1, 1)")  # another writer disarms it
+            await wait_until(lambda: effects(pg_dsn, "iso") == [("INSERT", "1", 1)])
+            await wait_until(armed, message="the bell re-armed")  # idle: the next write rings
+            rr.execute("INSERT INTO source VALUES (2, 2)")
+            sql(pg_dsn, "INSERT INTO source VALUES (3, 3)")  # a read-committed writer, meanwhile
+            ser.execute("INSERT INTO source VALUES (4, 4)")
+            rr.commit()
+            ser.commit()
+        await wait_until(lambda: len(effects(pg_dsn, "iso")) == 4, timeout=15)
+    assert sorted(effects(pg_dsn, "iso")) == [("INSERT", str(i), i) for i in range(1, 5)]

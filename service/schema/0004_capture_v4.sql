@@ -25,17 +25,25 @@ CREATE INDEX subscriptions_table_oid ON __SCHEMA__.subscriptions (table_oid);
 DROP FUNCTION __SCHEMA__.ring();
 -- The wake-up names the (installed name of the) table, so the daemon wakes only its handlers;
 -- any other handler's change committed while the bell is down is found when it is re-armed.
+-- A REPEATABLE READ or SERIALIZABLE writer never touches the bell: its snapshot may still see
+-- it armed after another writer disarmed it, and locking that row would fail the writer's
+-- transaction ("could not serialize access due to concurrent update"); under SERIALIZABLE,
+-- reading it would also take a predicate lock every ringer conflicts with. Such a writer just
+-- rings, at the price of a NOTIFY per commit.
 CREATE FUNCTION __SCHEMA__.ring(rels oid[]) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    IF (SELECT armed FROM __SCHEMA__.doorbell) THEN
+    IF current_setting('transaction_isolation') = 'read committed' THEN
+        IF NOT (SELECT armed FROM __SCHEMA__.doorbell) THEN
+            RETURN;
+        END IF;
         UPDATE __SCHEMA__.doorbell SET armed = false
         WHERE id = (SELECT id FROM __SCHEMA__.doorbell WHERE armed FOR UPDATE SKIP LOCKED);
         -- Disarmed here, or held by a writer that rings only when (and if) it commits: ring.
-        PERFORM pg_notify(__CHANNEL__, coalesce((
-            SELECT min(s.table_schema || '.' || s.table_name)
-            FROM __SCHEMA__.subscriptions s WHERE s.table_oid = ANY (rels)), ''));
     END IF;
+    PERFORM pg_notify(__CHANNEL__, coalesce((
+        SELECT min(s.table_schema || '.' || s.table_name)
+        FROM __SCHEMA__.subscriptions s WHERE s.table_oid = ANY (rels)), ''));
 END
 $$;
 
