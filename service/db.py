@@ -28,13 +28,6 @@ TRANSIENT_CLASSES = ("08", "53")
 TRANSIENT_CODES = frozenset({"40001", "40P01", "57P01", "57P02", "57P03", "55006"})
 
 
-# Client-side driver states after a connection broke mid-operation (asyncpg reports a query on a
-# connection whose previous operation was cut off as "another operation is in progress").
-CLIENT_CONNECTION_ERRORS = frozenset(
-    {"InternalClientError", "InterfaceError", "ConnectionDoesNotExistError", "ConnectionResetError"}
-)
-
-
 def _chain(exc: BaseException) -> list[BaseException]:
     seen: list[BaseException] = []
     current: BaseException | None = exc
@@ -55,21 +48,33 @@ def sqlstate_of(exc: BaseException) -> str | None:
     return None
 
 
+def transient_sqlstate(code: str | None) -> bool:
+    """Whether the server's SQLSTATE says "try again" (see :data:`TRANSIENT_CODES`)."""
+    return code is not None and (code[:2] in TRANSIENT_CLASSES or code in TRANSIENT_CODES)
+
+
 def is_transient(exc: BaseException) -> bool:
-    """True when retrying later is the right answer and the attempt should not count."""
+    """True when retrying later is the right answer and the attempt should not count.
+
+    A lost connection is known by its state, not by the error's class: SQLAlchemy marks the
+    error ``connection_invalidated`` when the driver's connection was closed by then (the
+    dialects' own check, and ``_recognise_disconnects``). A driver error without SQLSTATE on a
+    connection still open is the client refusing a statement (asyncpg raises ``InterfaceError``
+    for more than 32767 bind parameters, psycopg ``OperationalError`` beyond 65535): the same
+    statement fails the same way every time, so it is not transient.
+    """
     if isinstance(exc, TimeoutError):  # a handler timeout (an OSError subclass!) counts
         return False
     if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
         return True
     if isinstance(exc, sqlalchemy.exc.TimeoutError):  # waiting for a pooled connection
         return True
-    if any(type(e).__name__ in CLIENT_CONNECTION_ERRORS for e in _chain(exc)):
-        return True
     code = sqlstate_of(exc)
     if code is not None:
-        return code[:2] in TRANSIENT_CLASSES or code in TRANSIENT_CODES
-    if isinstance(exc, sqlalchemy.exc.InterfaceError | sqlalchemy.exc.OperationalError):
-        return True
+        return transient_sqlstate(code)
+    if isinstance(exc, sqlalchemy.exc.DBAPIError):
+        # No statement: connecting failed (the server is down, restarting, unreachable).
+        return exc.statement is None
     return isinstance(exc, ConnectionError | OSError)
 
 
@@ -80,7 +85,9 @@ def handler_failure_is_transient(exc: BaseException, info: dict[Any, Any], *, al
     died under it (``alive`` False: whatever the handler made of that), or a statement it sent
     through its session failed with a transient error (a serialization failure, a deadlock). The
     second is known by identity: the error SQLAlchemy saw on this connection (``info``, see
-    ``_recognise_disconnects``) is the one raised, or what it was raised from. An ``OSError`` of
+    ``_recognise_disconnects``) is the one raised, or what it was raised from; and, the
+    connection being alive, by the server's SQLSTATE alone. A driver error without one (a
+    statement the driver refuses to send) fails the same way on every retry. An ``OSError`` of
     the handler's own (an HTTP client refused, another database down) is not ours to retry.
     """
     if isinstance(exc, TimeoutError):  # the handler ran out of time: its own doing
@@ -89,7 +96,9 @@ def handler_failure_is_transient(exc: BaseException, info: dict[Any, Any], *, al
         return True
     ref = info.get(_LAST_ERROR)
     seen = ref() if ref is not None else None
-    return seen is not None and any(e is seen for e in _chain(exc)) and is_transient(seen)
+    if seen is None or all(e is not seen for e in _chain(exc)):
+        return False
+    return transient_sqlstate(sqlstate_of(seen))
 
 
 def connection_is_suspect(exc: BaseException) -> bool:
@@ -101,28 +110,31 @@ def connection_is_suspect(exc: BaseException) -> bool:
     return is_transient(exc)
 
 
-def driver_disconnect(exc: BaseException) -> bool:
+def driver_disconnect(exc: BaseException, *, alive: bool) -> bool:
     """A raw driver error (not wrapped by SQLAlchemy) that says the connection, and likely the
-    server's other connections too, is gone: class 08, an admin/crash shutdown, or a
-    client-side failure without any SQLSTATE."""
+    server's other connections too, is gone: class 08, an admin/crash shutdown, or an error
+    without SQLSTATE that left the driver's connection closed (``alive``: whether it is open)
+    or came from the socket. One the driver raised on an open connection (a statement it
+    refuses to send) says nothing about the server."""
     code = sqlstate_of(exc)
     if code is not None:
         return code.startswith("08") or code in {"57P01", "57P02", "57P03"}
-    return isinstance(exc, OSError) or any(
-        type(e).__name__ in CLIENT_CONNECTION_ERRORS | {"OperationalError"} for e in _chain(exc)
-    )
+    return not alive or isinstance(exc, OSError)
 
 
-async def discard_after_driver_error(conn: AsyncConnection, exc: Exception) -> None:
+async def discard_after_driver_error(conn: AsyncConnection, exc: Exception) -> bool:
     """A statement ran on the driver beneath SQLAlchemy (see ``store.DriverStatement``), so
     SQLAlchemy did not see its error. Never hand the connection back; and if the server went
     away, let SQLAlchemy see that too, so that it retires the pool's other connections (as dead
-    as this one) instead of handing them out one failed statement at a time."""
+    as this one) instead of handing them out one failed statement at a time. Returns whether
+    the error was a disconnect (:func:`driver_disconnect`)."""
+    lost = driver_disconnect(exc, alive=await connection_alive(conn))
     with contextlib.suppress(Exception):
-        if driver_disconnect(exc):
+        if lost:
             await conn.execute(text("SELECT 1"))
     with contextlib.suppress(Exception):
         await conn.invalidate()
+    return lost
 
 
 # TCP keepalives on every write connection: a cloud load balancer or NAT between the pod and
@@ -377,12 +389,17 @@ async def connection_alive(conn: AsyncConnection) -> bool:
         if conn.closed or conn.invalidated:
             return False
         raw = await conn.get_raw_connection()
-        driver: Any = raw.driver_connection
+        return not _driver_closed(conn.dialect.driver, raw.driver_connection)
     except Exception:
         return False
-    if conn.dialect.driver == "asyncpg":
-        return not driver.is_closed()
-    return not (driver.closed or driver.broken)
+
+
+def _driver_closed(driver_name: str, driver: Any) -> bool:
+    """What the driver itself knows: asyncpg's ``is_closed()``, psycopg's ``closed`` or
+    ``broken`` (set once libpq saw the socket fail)."""
+    if driver_name == "asyncpg":
+        return bool(driver.is_closed())
+    return bool(driver.closed or driver.broken)
 
 
 def transaction_probe(conn: AsyncConnection) -> Callable[[], bool]:
@@ -458,11 +475,14 @@ def _asyncpg_keepalives(dbapi_connection: Any, idle: int) -> None:
 def _recognise_disconnects(context: ExceptionContext) -> None:
     """Tell SQLAlchemy that a connection cut off mid-operation is gone. It then invalidates it
     and every pooled connection opened before it (a server restart or a mass termination kills
-    them all), instead of handing out one broken connection after another."""
-    original = context.original_exception
-    if original is not None and any(
-        type(e).__name__ in CLIENT_CONNECTION_ERRORS for e in _chain(original)
-    ):
+    them all), instead of handing out one broken connection after another.
+
+    The dialects ask the driver only about its own error classes; this asks for any error (a
+    raw ``OSError`` too). Judged by the driver's state, never by the error's class: asyncpg
+    raises ``InterfaceError`` for a statement it refuses to send (too many bind parameters) on
+    a healthy connection, and taking that for a disconnect refunded a poison event's attempt
+    forever, invalidating the pool at each retry."""
+    if not context.is_disconnect and _lost(context.connection):
         context.is_disconnect = True
     # Which error a statement of this connection raised: a handler's failure is database trouble
     # only if it is (or was raised from) this one (see ``handler_failure_is_transient``).
@@ -471,6 +491,18 @@ def _recognise_disconnects(context: ExceptionContext) -> None:
     if context.connection is not None and seen is not None:
         with contextlib.suppress(Exception):  # an invalidated connection may refuse
             context.connection.info[_LAST_ERROR] = weakref.ref(seen)
+
+
+def _lost(connection: Connection | None) -> bool:
+    """Whether the driver's connection beneath ``connection`` is closed (False when there is
+    none, or SQLAlchemy already let go of it)."""
+    if connection is None or connection.closed or connection.invalidated:
+        return False
+    try:
+        driver = connection.connection.driver_connection
+        return driver is not None and _driver_closed(connection.dialect.driver, driver)
+    except Exception:
+        return False
 
 
 _LAST_ERROR = "pgreact_last_error"

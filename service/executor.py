@@ -59,7 +59,6 @@ from pgreact.db import (
     connection_alive,
     connection_is_suspect,
     discard_after_driver_error,
-    driver_disconnect,
     driver_in_transaction,
     forget_transaction_end,
     handler_failure_is_transient,
@@ -452,9 +451,9 @@ class GroupExecutor:
             acked, recorded = await self._store.settle(db, ids, failed, self._unit.token)
         except Exception as exc:
             # Run beneath SQLAlchemy, which did not see the error: the connection goes.
-            await discard_after_driver_error(db, exc)
+            lost = await discard_after_driver_error(db, exc)
             await self._conn.discard()
-            if driver_disconnect(exc):
+            if lost:
                 raise ConnectionError(f"connection lost: {exc}") from exc  # transient
             raise
         except BaseException:

@@ -11,12 +11,20 @@ from typing import Any
 
 import anyio
 import pytest
+import sqlalchemy.exc
 import structlog.testing
-from sqlalchemy import text
+from sqlalchemy import bindparam, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from pgreact import Event, Router, copy_rows
+from pgreact.db import (
+    connection_alive,
+    create_write_engine,
+    discard_after_driver_error,
+    handler_failure_is_transient,
+    is_transient,
+)
 from tests.handlers.common import EFFECT, effect_row
 from tests.support import (
     create_tables,
@@ -418,6 +426,83 @@ async def test_losing_the_sessions_connection_is_not_an_attempt(
         ("3", 1),
     ]
     assert queue_state(pg_dsn)["dead"] == 0
+
+
+# More bind parameters than either driver can send (asyncpg: 32767, libpq: 65535): refused on
+# the client side, on a connection that stays healthy, without a SQLSTATE.
+TOO_MANY = 70_000
+TOO_MANY_IDS = text("SELECT 1 WHERE 1 IN :ids").bindparams(bindparam("ids", expanding=True))
+
+
+async def test_a_statement_the_driver_refuses_is_an_attempt(pg_dsn: str, sa_url: str) -> None:
+    """asyncpg's InterfaceError (psycopg's OperationalError) for too many parameters is the
+    handler's bug, not a lost connection: counted and dead-lettered. It was taken for a
+    disconnect (asyncpg) or a transient error (psycopg): retried at once forever, attempts 0,
+    no last_error, and on asyncpg the whole pool invalidated at each retry."""
+    create_tables(pg_dsn)
+    router = Router()
+
+    @router.on("source", name="one")
+    async def one(event: Event, session: AsyncSession) -> None:
+        if event.key == "2":
+            await session.execute(TOO_MANY_IDS, {"ids": list(range(TOO_MANY))})
+        await session.execute(EFFECT, effect_row("one", event))
+
+    await install(sa_url, router)
+    sql(pg_dsn, "INSERT INTO source SELECT g, g FROM generate_series(1, 3) g")
+    async with running(make_settings(sa_url, max_attempts=2), router):
+        await wait_until(lambda: queue_state(pg_dsn)["dead"] == 1, message="2 dead")
+    ((key, attempts, error),) = sql(
+        pg_dsn, "SELECT row_key, attempts, last_error FROM pgreact.queue"
+    )
+    assert (key, attempts) == ("2", 2)
+    assert error.startswith(("InterfaceError", "OperationalError")), error[:200]
+    assert sql(pg_dsn, "SELECT k, attempt FROM effects ORDER BY k") == [("1", 1), ("3", 1)]
+
+
+async def too_many_beneath_sqlalchemy(raw: Any, driver: str) -> None:
+    """The refused statement sent with the driver itself (as ``store.DriverStatement`` does)."""
+    if driver == "asyncpg":
+        marks = ", ".join(f"${i + 1}" for i in range(TOO_MANY))
+        await raw.execute(f"SELECT 1 WHERE 1 IN ({marks})", *range(TOO_MANY))
+    else:
+        marks = ", ".join(["%s"] * TOO_MANY)
+        await raw.execute(f"SELECT 1 WHERE 1 IN ({marks})", list(range(TOO_MANY)))
+
+
+async def test_a_driver_error_on_a_live_connection_is_no_disconnect(
+    pg_dsn: str, sa_url: str, driver: str
+) -> None:
+    """The classification beneath the test above, on the write engine: the refused statement
+    leaves the connection valid and usable, and is neither transient for pgreact's own work
+    nor for a handler; raised beneath SQLAlchemy, it is not taken for a lost server either.
+    A connection that really died still is all of these."""
+    engine = create_write_engine(make_settings(sa_url, pool_size=1, max_overflow=0))
+    try:
+        async with engine.connect() as conn:
+            with pytest.raises(sqlalchemy.exc.DBAPIError) as refused:
+                await conn.execute(TOO_MANY_IDS, {"ids": list(range(TOO_MANY))})
+            assert not refused.value.connection_invalidated
+            assert not conn.invalidated and await connection_alive(conn)
+            assert not is_transient(refused.value)
+            assert not handler_failure_is_transient(refused.value, conn.info, alive=True)
+            await conn.rollback()
+            assert (await conn.execute(text("SELECT 1"))).scalar() == 1  # the same connection
+
+            raw: Any = (await conn.get_raw_connection()).driver_connection
+            with pytest.raises(Exception, match=r"32767|65535") as beneath:
+                await too_many_beneath_sqlalchemy(raw, driver)
+            assert not await discard_after_driver_error(conn, beneath.value)
+
+        async with engine.connect() as conn:
+            pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar()
+            sql(pg_dsn, f"SELECT pg_terminate_backend({pid})")
+            with pytest.raises(sqlalchemy.exc.DBAPIError) as lost:
+                await conn.execute(text("SELECT 1"))
+            assert is_transient(lost.value)
+            assert not await connection_alive(conn)
+    finally:
+        await engine.dispose()
 
 
 # -- a handler that ends pgreact's transaction ----------------------------------------------
