@@ -17,10 +17,17 @@ import re
 import psycopg
 
 _SCHEME_SUFFIX = re.compile(r"^(postgres(?:ql)?)\+[a-z0-9_]+://", re.IGNORECASE)
-# userinfo "user:password@": everything up to the *last* '@' before whitespace (libpq reads an
-# unescaped '@' in a password the same way), so no tail of the password stays visible.
-_URL_PASSWORD = re.compile(r"([a-z][a-z0-9+.-]*://[^:/@\s]*):\S*@", re.IGNORECASE)
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#\s]*", re.IGNORECASE)
+# userinfo "user:password@": the user up to the first ':' (SQLAlchemy's reading; it may hold
+# '@', as Azure's "user@server" does), the password up to the *last* '@' on the line before the
+# host part. A password may hold what SQLAlchemy accepts unescaped: spaces, quotes, '/', '?',
+# several '@' (libpq ends it at the first, so a tail would otherwise show). It stops only at a
+# line end or where a second URL starts. The cost is masking too much, never too little: text
+# after a URL without a password that is followed by an '@' on the same line goes too.
+_URL_PASSWORD = re.compile(
+    r"([a-z][a-z0-9+.-]*://[^:/\n]*):(?:(?!\s[a-z][a-z0-9+.-]*://)[^\n])*@", re.IGNORECASE
+)
+# a query value ends at '&' or '#' only: a raw space is part of it (SQLAlchemy keeps it)
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#\n]*", re.IGNORECASE)
 # keyword form: a single-quoted value may hold spaces, \' and \\ (libpq's quoting rules)
 _KEYWORD_PASSWORD = re.compile(
     r"(?<![?&\w])(password\s*=\s*)('(?:[^'\\]|\\.)*'?|\S+)", re.IGNORECASE

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from pgreact.errors import ConfigError, PgreactError
 from pgreact.settings import Settings, load_settings, mask_url
@@ -383,6 +384,45 @@ def test_mask_url_hides_tricky_passwords(dsn: str, secret: str) -> None:
     masked = mask_url(dsn)
     assert secret not in masked, masked
     assert "***" in masked
+
+
+@pytest.mark.parametrize(
+    ("dsn", "masked", "secret"),
+    [
+        # SQLAlchemy's make_url accepts all of these unescaped, so they pass validation and are
+        # logged at start-up (a space ended the match: the first was shown in full)
+        ("postgresql://u:pa ss@h/db", "postgresql://u:***@h/db", "pa ss"),
+        ("postgresql+asyncpg://u:aa bb@h:5432/db?sslmode=require", None, "aa bb"),
+        ("postgresql://u:sp ace@and@at@h/db", "postgresql://u:***@h/db", "sp ace@and@at"),
+        ("postgresql://u:@lead ing@h/db", "postgresql://u:***@h/db", "@lead ing"),
+        ("postgresql://u:it's quiet@h/db", "postgresql://u:***@h/db", "it's quiet"),
+        ('postgresql://u:"quo ted"@h/db', "postgresql://u:***@h/db", '"quo ted"'),
+        ("postgresql://u:slash/in?mark@h/db", "postgresql://u:***@h/db", "slash/in?mark"),
+        ("postgresql://app@corp:az ure@h/db", "postgresql://app@corp:***@h/db", "az ure"),
+        ("postgresql://u@h/db?password=sp ace&sslmode=require", None, "sp ace"),
+        (
+            "host=h user=u password='sp ace' dbname=db",
+            "host=h user=u password=*** dbname=db",
+            "sp ace",
+        ),
+        ("host=h password='it\\'s sp ace' user=u", "host=h password=*** user=u", "it's sp ace"),
+        # quoted in a message; two URLs on one line
+        ("bad URL 'postgresql://u:pa ss@h/db' (ValueError)", None, "pa ss"),
+        ("from postgresql://a:one two@h/db to postgresql://b:three four@h/db", None, "one three"),
+    ],
+)
+def test_mask_url_hides_passwords_with_spaces_and_at_signs(
+    dsn: str, masked: str | None, secret: str
+) -> None:
+    """No word of the password shows, however SQLAlchemy or libpq would cut it."""
+    shown = mask_url(dsn)
+    if masked is not None:
+        assert shown == masked
+    for word in secret.replace("@", " ").replace("/", " ").replace("?", " ").split():
+        assert word.strip("'\"") not in shown, (word, shown)
+    if dsn.startswith("postgresql"):  # a whole URL: what SQLAlchemy reads is in ``secret``
+        assert (make_url(dsn).password or "") in secret
+        assert make_url(shown).database == "db"  # and the rest stays readable
 
 
 def test_mask_url_is_the_listener_masking_function() -> None:
