@@ -381,10 +381,14 @@ async def plan(
     installed = await capture_triggers(conn, schema) if current else []
     by_key = {(t.relation.oid, t.name): t for t in installed}
     wanted_relations: set[int] = set()
+    planned: set[tuple[int, str]] = set()
     for table, handlers in sorted(handlers_by_table.items(), key=lambda kv: kv[0].qualified):
         wanted = await _table_plan(conn, schema, table, handlers, subscribed, result)
         for trigger in wanted:
             wanted_relations.add(trigger.relation.oid)
+            if (trigger.relation.oid, trigger.name) in planned:
+                continue  # a partition's TRUNCATE trigger, wanted by it and by its parent
+            planned.add((trigger.relation.oid, trigger.name))
             have = by_key.get((trigger.relation.oid, trigger.name))
             target = trigger.relation.display
             if have is None:

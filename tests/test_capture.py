@@ -290,6 +290,108 @@ async def test_truncate_reaches_subscribers_and_warns_about_the_rest(
     assert effects(pg_dsn, "rows-only") == [("INSERT", "1", 1)]
 
 
+async def test_a_truncate_is_deduplicated_only_within_its_own_statement(
+    pg_dsn: str, sa_url: str
+) -> None:
+    """TRUNCATE of a partitioned table is one event for its handlers, but the mark that silences
+    its partitions' calls counts in that statement only: not in a later statement of the same
+    transaction, and not when a writer sets it (or copies a genuine one) itself."""
+    sql(pg_dsn, PARTITIONED)
+    router = Router()
+    router.on("measures", name="all", ops=ALL_OPS)(noop)
+    router.on("measures", name="rows-only", ops=("INSERT", "UPDATE", "DELETE"))(noop)
+    await install(sa_url, router)
+    schema_oid = sql(pg_dsn, "SELECT 'pgreact'::regnamespace::oid")[0][0]
+    setting = f"pgreact.truncated_{schema_oid}"
+    notices: list[str] = []
+    with psycopg.connect(libpq(pg_dsn)) as conn:  # one transaction
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+        conn.execute("TRUNCATE measures")
+        genuine = conn.execute("SELECT current_setting(%s)", [setting]).fetchone()
+        assert genuine is not None and genuine[0]
+        conn.execute("SELECT set_config(%s, %s, true)", [setting, genuine[0]])  # carried over
+        conn.execute("TRUNCATE measures_eu")
+        for name in ("pgreact.truncated", setting):  # version 4's first mark, made up
+            conn.execute(
+                "SELECT set_config(%s, ',' || 'measures_us'::regclass::oid || ',', true)", [name]
+            )
+        conn.execute("TRUNCATE measures_us")
+        # A mark made up for this very statement (a DO block), the MAC of a genuine one.
+        _xid, _stamp, cid, rels, mac = str(genuine[0]).split("/")
+        conn.execute(
+            "DO $$ BEGIN PERFORM set_config("
+            + psql.Literal(setting).as_string(conn)
+            + ", pg_current_xact_id() || '/' || extract(epoch FROM statement_timestamp()) || "
+            + psql.Literal(f"/{cid}/{rels}/{mac}").as_string(conn)
+            + ", true); TRUNCATE measures_eu; END $$"
+        )
+        conn.execute("TRUNCATE measures_eu, measures")  # the partition's call comes first
+        conn.execute("INSERT INTO measures VALUES ('eu', 1, 1)")
+        conn.execute("TRUNCATE measures_eu")  # the mark of two statements ago leaked here
+        conn.commit()
+    assert [(op, k) for _, op, k, _, _ in queued(pg_dsn, "all")] == [
+        ("TRUNCATE", None),
+        ("TRUNCATE", "public.measures_eu"),
+        ("TRUNCATE", "public.measures_us"),
+        ("TRUNCATE", "public.measures_eu"),
+        ("TRUNCATE", "public.measures_eu"),
+        ("TRUNCATE", None),
+        ("INSERT", key("eu", 1)),
+        ("TRUNCATE", "public.measures_eu"),
+    ]
+    # Every call warns about the handler that does not hear it, de-duplicated or not.
+    truncated = [
+        re.sub(
+            r"^pgreact: TRUNCATE of (\S+) is not delivered to handler\(s\) rows-only .*", r"\1", n
+        )
+        for n in notices
+    ]
+    assert truncated == [
+        "public.measures",
+        "public.measures_eu",
+        "public.measures_us",
+        "public.measures_eu",
+        "public.measures_us",
+        "public.measures_eu",
+        "public.measures_eu",
+        "public.measures",
+        "public.measures_us",
+        "public.measures_eu",
+    ]
+
+
+async def test_a_truncate_of_a_sub_partitioned_table_is_one_event_per_handler(
+    pg_dsn: str, sa_url: str
+) -> None:
+    sql(
+        pg_dsn,
+        "CREATE TABLE world (region text, id int, PRIMARY KEY (region, id)) "
+        "PARTITION BY LIST (region); "
+        "CREATE TABLE world_eu PARTITION OF world FOR VALUES IN ('eu', 'uk') "
+        "PARTITION BY LIST (region); "
+        "CREATE TABLE world_eu_uk PARTITION OF world_eu FOR VALUES IN ('uk'); "
+        "CREATE TABLE world_eu_rest PARTITION OF world_eu FOR VALUES IN ('eu'); "
+        "CREATE TABLE world_us PARTITION OF world FOR VALUES IN ('us')",
+    )
+    router = Router()
+    router.on("world", name="world", ops=ALL_OPS)(noop)
+    # (Only TRUNCATE below the top: install cannot watch rows of a partition and its parent.)
+    router.on("world_eu", name="eu", ops=("TRUNCATE",))(noop)
+    router.on("world_eu_uk", name="uk", ops=("TRUNCATE",))(noop)
+    await install(sa_url, router)
+    sql(pg_dsn, "TRUNCATE world")
+    sql(pg_dsn, "TRUNCATE world_eu")
+    sql(pg_dsn, "TRUNCATE world_eu_uk")
+    got = {h: [k for _, _, k, _, _ in queued(pg_dsn, h)] for h in ("world", "eu", "uk")}
+    assert got == {
+        "world": [None, "public.world_eu", "public.world_eu_uk"],
+        "eu": [None, None, "public.world_eu_uk"],
+        "uk": [None, None, None],
+    }
+    assert (await install(sa_url, router)).statements == []
+    assert await problems(sa_url, router) == {}
+
+
 # -- 5. an UPDATE that changes the key --------------------------------------------------------
 
 

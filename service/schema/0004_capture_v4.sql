@@ -168,40 +168,90 @@ BEGIN
 END
 $$;
 
--- TRUNCATE, once per statement: an event for handlers subscribed to it (key NULL, or the
--- partition's name when only a partition was emptied), a WARNING to the truncating session
--- naming the handlers that are not. TRUNCATE of a partitioned table fires this on it and then
--- on every partition: the first call notes the partitions in a transaction-local setting, and
--- their calls stay silent.
+-- TRUNCATE, once per statement and table: an event for handlers subscribed to it (key NULL,
+-- or the partition's name when only a partition was emptied), a WARNING to the truncating
+-- session naming the handlers that are not.
+--
+-- TRUNCATE of a partitioned table fires this on it and then on every partition below it; the
+-- handlers of the partitioned table (and of its ancestors) must get one event, not one per
+-- partition. So a call on a partitioned table leaves a mark, in a transaction-local setting,
+-- and the calls on its partitions later in the same statement deliver only to the tables
+-- between them and it. Anyone can write that setting, and a mark taken for genuine would
+-- silence an event: a mark counts only when it names this transaction and this statement
+-- (statement_timestamp()), when no change was captured since it was left (the session's last
+-- change id, which every capture draws, is still the one it names), and when it carries a
+-- MAC under a key only the owner can read (mark_key), so a writer can neither make one up nor
+-- carry one over from an earlier statement. A mark that does not count is ignored: at worst a
+-- handler gets one TRUNCATE event too many, never one too few. The WARNING is raised by every
+-- call, de-duplicated or not.
+CREATE TABLE __SCHEMA__.mark_key (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    secret text NOT NULL
+);
+INSERT INTO __SCHEMA__.mark_key (secret)
+    VALUES (gen_random_uuid()::text || gen_random_uuid()::text);
+
+-- sha256(key || sha256(key || body)): the outer hash keeps a length extension from forging.
+CREATE FUNCTION __SCHEMA__.mark_mac(body text) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT encode(sha256(convert_to(m.secret || encode(sha256(convert_to(
+               m.secret || body, 'UTF8')), 'hex'), 'UTF8')), 'hex')
+    FROM __SCHEMA__.mark_key m
+$$;
+
 CREATE FUNCTION __SCHEMA__.capture_truncate() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    rels oid[] := ARRAY[TG_RELID] || ARRAY(
-        SELECT relid::oid FROM pg_partition_ancestors(TG_RELID));
-    covered text := coalesce(current_setting('pgreact.truncated', true), '');
-    mark text := ',' || TG_RELID::text || ',';
+    -- The truncated table and its ancestors, nearest first (pg_partition_ancestors lists
+    -- nothing for a table that is not a partition).
+    up oid[] := ARRAY[TG_RELID] || ARRAY(
+        SELECT relid::oid FROM pg_partition_ancestors(TG_RELID) WHERE relid <> TG_RELID);
+    partitioned boolean := EXISTS (
+        SELECT 1 FROM pg_class WHERE oid = TG_RELID AND relkind = 'p');
+    setting text := 'pgreact.truncated_' || '__SCHEMA__'::regnamespace::oid::text;
+    here text := pg_current_xact_id()::text || '/'
+        || extract(epoch FROM statement_timestamp())::text;
+    mark text[] := string_to_array(current_setting(setting, true), '/');
+    -- Partitioned tables truncated earlier in this statement, whose calls delivered already.
+    done oid[] := '{}';
+    reach int := cardinality(up);  -- this call delivers for up[1:reach]
     cid bigint;
-    n bigint;
+    n bigint := 0;
+    body text;
     deaf text;
 BEGIN
-    IF strpos(covered, mark) > 0 THEN
-        PERFORM set_config('pgreact.truncated', replace(covered, mark, ','), true);
-        RETURN NULL;
+    IF cardinality(mark) = 5 AND mark[1] || '/' || mark[2] = here
+       AND mark[5] = __SCHEMA__.mark_mac(array_to_string(mark[1:4], '/'))
+    THEN
+        -- Genuine, so this session drew a change id since its transaction began.
+        IF mark[3] = currval('__SCHEMA__.change_id_seq')::text THEN
+            done := string_to_array(mark[4], ',')::oid[];
+            reach := coalesce((
+                SELECT min(u.i) - 1 FROM unnest(up) WITH ORDINALITY u(rel, i)
+                WHERE u.i > 1 AND u.rel = ANY (done)), reach);
+        END IF;
     END IF;
-    PERFORM set_config('pgreact.truncated', covered || ',' || array_to_string(ARRAY(
-        SELECT relid::oid FROM pg_partition_tree(TG_RELID) WHERE relid <> TG_RELID), ',') || ',',
-        true);
-    cid := nextval('__SCHEMA__.change_id_seq');
-    INSERT INTO __SCHEMA__.queue (change_id, handler, table_name, op, row_key)
-    SELECT cid, s.handler, s.table_schema || '.' || s.table_name, 'TRUNCATE',
-           CASE WHEN s.table_oid <> TG_RELID THEN TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME END
-    FROM __SCHEMA__.subscriptions s
-    WHERE s.table_oid = ANY (rels) AND 'TRUNCATE' = ANY (s.ops)
-    ORDER BY s.handler;
-    GET DIAGNOSTICS n = ROW_COUNT;
+    IF reach = cardinality(up) OR EXISTS (
+        SELECT 1 FROM __SCHEMA__.subscriptions s
+        WHERE s.table_oid = ANY (up[1:reach]) AND 'TRUNCATE' = ANY (s.ops)
+    ) THEN
+        cid := nextval('__SCHEMA__.change_id_seq');
+        INSERT INTO __SCHEMA__.queue (change_id, handler, table_name, op, row_key)
+        SELECT cid, s.handler, s.table_schema || '.' || s.table_name, 'TRUNCATE',
+               CASE WHEN s.table_oid <> TG_RELID THEN TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME END
+        FROM __SCHEMA__.subscriptions s
+        WHERE s.table_oid = ANY (up[1:reach]) AND 'TRUNCATE' = ANY (s.ops)
+        ORDER BY s.handler;
+        GET DIAGNOSTICS n = ROW_COUNT;
+    END IF;
+    IF partitioned OR (cid IS NOT NULL AND cardinality(done) > 0) THEN
+        body := here || '/' || coalesce(cid::text, mark[3]) || '/'
+            || array_to_string(done || CASE WHEN partitioned THEN TG_RELID END, ',');
+        PERFORM set_config(setting, body || '/' || __SCHEMA__.mark_mac(body), true);
+    END IF;
     SELECT string_agg(s.handler, ', ' ORDER BY s.handler) INTO deaf
     FROM __SCHEMA__.subscriptions s
-    WHERE s.table_oid = ANY (rels) AND NOT 'TRUNCATE' = ANY (s.ops);
+    WHERE s.table_oid = ANY (up) AND NOT 'TRUNCATE' = ANY (s.ops);
     IF deaf IS NOT NULL THEN
         -- (no format placeholders: install runs this text through drivers that read them)
         RAISE WARNING USING
@@ -212,7 +262,7 @@ BEGIN
                 'subscribe them with ops=(..., "TRUNCATE").';
     END IF;
     IF n > 0 THEN
-        PERFORM __SCHEMA__.ring(rels);
+        PERFORM __SCHEMA__.ring(up[1:reach]);
     END IF;
     RETURN NULL;
 END
