@@ -80,6 +80,12 @@ class InstallPlan:
     notes: list[str] = field(default_factory=list)
     from_version: int = 0
     to_version: int = 0
+    # The watched tables, and whether their casts to json were checked (see unsafe_casts): by
+    # the plan when the schema already had the check, else by install once the migrations ran
+    # (statements[:migrations_end]).
+    tables: list[Relation] = field(default_factory=list)
+    casts_checked: bool = False
+    migrations_end: int = 0
 
     def add(self, statement: str, target: str | None = None) -> None:
         self.statements.append(statement)
@@ -179,7 +185,7 @@ class Trigger:
     args: tuple[str, ...] = ()
     old_table: str | None = None
     new_table: str | None = None
-    enabled: bool = True
+    enabled: bool = True  # fires in an ordinary session (not disabled, not replica-only)
 
     @property
     def signature(self) -> tuple[object, ...]:
@@ -216,7 +222,7 @@ async def capture_triggers(conn: AsyncConnection, schema: str) -> list[Trigger]:
             """
             SELECT t.tgrelid::bigint, n.nspname, c.relname, t.tgname, p.proname,
                    t.tgtype::int, encode(t.tgargs, 'hex'), t.tgoldtable, t.tgnewtable,
-                   t.tgenabled::text <> 'D'
+                   t.tgenabled::text IN ('O', 'A')
             FROM pg_trigger t
             JOIN pg_class c ON c.oid = t.tgrelid
             JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -242,6 +248,27 @@ async def capture_triggers(conn: AsyncConnection, schema: str) -> list[Trigger]:
         )
         for r in rows
     ]
+
+
+async def disabled_clones(conn: AsyncConnection, schema: str) -> set[tuple[int, str]]:
+    """(partition oid, trigger name) of every capture trigger cloned onto a partition that does
+    not fire: ``ALTER TABLE partition DISABLE TRIGGER …`` (or ``… USER``) on a partition
+    silences its parent's trigger there, and that partition's changes go uncaptured."""
+    rows = await conn.execute(
+        text(
+            """
+            SELECT t.tgrelid::bigint, t.tgname
+            FROM pg_trigger t
+            JOIN pg_proc p ON p.oid = t.tgfoid
+            JOIN pg_namespace pn ON pn.oid = p.pronamespace
+            WHERE pn.nspname = :schema AND t.tgparentid <> 0
+              AND p.proname = ANY (CAST(:functions AS text[]))
+              AND t.tgenabled::text NOT IN ('O', 'A')
+            """
+        ),
+        {"schema": schema, "functions": list(CAPTURE_FUNCTIONS)},
+    )
+    return {(int(r[0]), str(r[1])) for r in rows}
 
 
 def _decode_args(hex_args: str) -> tuple[str, ...]:
@@ -371,6 +398,7 @@ async def plan(
             for statement in split_statements(render(raw, schema, wake_channel(schema))):
                 result.add(statement)
             result.add(f"INSERT INTO {s}.schema_version (version) VALUES ({version})")
+    result.migrations_end = len(result.statements)
 
     handlers_by_table: dict[TableName, list[DurableHandler]] = defaultdict(list)
     for handler in router.durable:
@@ -380,10 +408,14 @@ async def plan(
     subscribed = await _subscriptions(conn, schema) if current >= 4 else {}
     installed = await capture_triggers(conn, schema) if current else []
     by_key = {(t.relation.oid, t.name): t for t in installed}
+    silenced = await disabled_clones(conn, schema) if current >= 4 else set()
     wanted_relations: set[int] = set()
     planned: set[tuple[int, str]] = set()
     for table, handlers in sorted(handlers_by_table.items(), key=lambda kv: kv[0].qualified):
-        wanted = await _table_plan(conn, schema, table, handlers, subscribed, result)
+        relation, partitions, wanted = await _table_plan(
+            conn, schema, table, handlers, subscribed, result
+        )
+        result.tables.append(relation)
         for trigger in wanted:
             wanted_relations.add(trigger.relation.oid)
             if (trigger.relation.oid, trigger.name) in planned:
@@ -394,8 +426,15 @@ async def plan(
             if have is None:
                 result.add(trigger.create_sql(schema), target)
             elif have.signature != trigger.signature or not have.enabled:
-                result.add(have.drop_sql(), target)
+                result.add(have.drop_sql(), target)  # its clones go with it, and come back
                 result.add(trigger.create_sql(schema), target)
+            elif trigger.tgtype & TG_ROW:  # kept: its clones on partitions must fire too
+                for part in partitions:
+                    if (part.oid, trigger.name) in silenced:
+                        result.add(
+                            f"ALTER TABLE {part.quoted} ENABLE TRIGGER {quote_ident(trigger.name)}",
+                            part.display,
+                        )
         names = {(t.relation.oid, t.name) for t in wanted}
         relations = {t.relation.oid for t in wanted}
         for have in installed:  # ops no handler of this table wants any more
@@ -429,6 +468,11 @@ async def plan(
                     f"table {display} still has capture triggers but no loaded handler; "
                     "run `pgreact install --prune` to remove them"
                 )
+    if current >= 4:
+        await refuse_unsafe_casts(conn, schema, result.tables)
+    # Otherwise install checks once the migrations made the check (none before version 4,
+    # where upgrade tests stop).
+    result.casts_checked = current >= 4 or result.to_version < 4
     return result
 
 
@@ -439,9 +483,9 @@ async def _table_plan(
     handlers: list[DurableHandler],
     subscribed: dict[str, _Subscription],
     result: InstallPlan,
-) -> list[Trigger]:
-    """Add the subscription changes of ``table``'s handlers to ``result``; return the triggers
-    the table needs."""
+) -> tuple[Relation, list[Relation], list[Trigger]]:
+    """Add the subscription changes of ``table``'s handlers to ``result``; return the table, its
+    partitions and the triggers it needs."""
     s = quote_ident(schema)
     columns = await table_columns(conn, table)
     found = await _relation(conn, table)
@@ -489,13 +533,57 @@ async def _table_plan(
     partitioned = relkind == "p"
     partitions = await _partitions(conn, relation) if partitioned else []
     row_ops: set[Op] = set().union(*(h.ops for h in handlers)) - {"TRUNCATE"}
-    return wanted_triggers(
+    triggers = wanted_triggers(
         schema, relation, partitioned, partitions, row_ops, pk, result.to_version
     )
+    return relation, partitions, triggers
 
 
 def _text_array(values: Sequence[str]) -> str:
     return "ARRAY[" + ", ".join(quote_literal(v) for v in values) + "]::text[]"
+
+
+async def refuse_unsafe_casts(
+    conn: AsyncConnection, schema: str, tables: Sequence[Relation]
+) -> None:
+    """Raise a SchemaError when capturing ``tables`` would run a cast to json that someone
+    other than the schema's owner (or a superuser) controls: to_jsonb() calls such a cast, and
+    capture runs as the schema's owner (see ``unsafe_casts`` in the schema)."""
+    if not tables:
+        return
+    s = quote_ident(schema)
+    rows = (
+        await conn.execute(
+            text(
+                "SELECT t.i, u.column_name, u.type_name, u.target, u.function_name, u.owner "
+                f"FROM unnest(CAST(:oids AS oid[])) WITH ORDINALITY t (rel, i), "
+                f"{s}.unsafe_casts(t.rel) u ORDER BY 1, 2, 3"
+            ),
+            {"oids": [t.oid for t in tables]},
+        )
+    ).all()
+    if not rows:
+        return
+    owner = await conn.scalar(
+        text(
+            "SELECT r.rolname FROM pg_namespace n JOIN pg_roles r ON r.oid = n.nspowner "
+            "WHERE n.nspname = :schema"
+        ),
+        {"schema": schema},
+    )
+    found = "; ".join(
+        f"{tables[int(i) - 1].display} column {column} (type {type_name}) has a cast to {target} "
+        f"through function {function}, owned by {function_owner}"
+        for i, column, type_name, target, function, function_owner in rows
+    )
+    fixes = " and ".join(sorted({f"DROP CAST ({r[2]} AS {r[3]})" for r in rows}))
+    raise SchemaError(
+        f"{found}: capture runs as pgreact's schema owner ({owner}), and to_jsonb() would call "
+        "that function as it, so its owner could run any SQL with the owner's rights (forge "
+        f"events, for one). Install refused: {fixes}, or, if you trust the function, make "
+        f"{owner} or a superuser own it (ALTER FUNCTION … OWNER TO …); then run "
+        "`pgreact install` again"
+    )
 
 
 # -- applying it ------------------------------------------------------------------------------
@@ -533,9 +621,15 @@ async def install(
                     {"t": f"{max(1, round(lock_timeout * 1000))}ms"},
                 )
                 the_plan = await plan(conn, router, schema, prune=prune)
-                for statement in the_plan.statements:
-                    position += 1
+                for index, statement in enumerate(the_plan.statements):
+                    if index == the_plan.migrations_end and not the_plan.casts_checked:
+                        # The check came with these migrations: before any table is touched.
+                        await refuse_unsafe_casts(conn, schema, the_plan.tables)
+                        the_plan.casts_checked = True
+                    position = index
                     await conn.exec_driver_sql(statement)
+                if not the_plan.casts_checked and the_plan.tables:
+                    await refuse_unsafe_casts(conn, schema, the_plan.tables)
             return the_plan
         except DBAPIError as exc:
             if sqlstate_of(exc) != LOCK_NOT_AVAILABLE:
@@ -608,7 +702,8 @@ def grants_sql(schema: str, role: str) -> str:
             "-- re-arm the writers' doorbell",
             f"GRANT SELECT, UPDATE ON {s}.doorbell TO {r};",
             "-- health of the capture triggers; release of key-change fences",
-            f"GRANT EXECUTE ON FUNCTION {s}.capture_state(), {s}.release_fences() TO {r};",
+            f"GRANT EXECUTE ON FUNCTION {s}.capture_state(), {s}.unsafe_casts(oid), "
+            f"{s}.release_fences() TO {r};",
             "",
         ]
     )
@@ -624,15 +719,19 @@ async def capture_problems(
 
     A renamed table is still captured (subscriptions follow the table's oid) and its events keep
     the name the handler was installed with, but the handler's configuration no longer names
-    it: reported too, since the next ``install`` would not find the table.
+    it: reported too, since the next ``install`` would not find the table. So is a cast to json
+    that capture would run as the schema's owner (:func:`refuse_unsafe_casts`).
     """
-    rows = await conn.execute(
-        text(
-            "SELECT handler, installed_as, current_name, missing "
-            f"FROM {quote_ident(schema)}.capture_state()"
+    rows = (
+        await conn.execute(
+            text(
+                "SELECT handler, installed_as, current_name, missing, unsafe "
+                f"FROM {quote_ident(schema)}.capture_state()"
+            )
         )
-    )
+    ).all()
     state = {r[0]: (str(r[1]), r[2], list(r[3] or [])) for r in rows}
+    unsafe = {r[0]: list(r[4] or []) for r in rows}
     problems: dict[str, str] = {}
     for h in handlers:
         if h.name not in state:
@@ -665,6 +764,14 @@ async def capture_problems(
                 "trigger was dropped or disabled, or a partition was attached since the last "
                 "install): run `pgreact install`"
             )
+        if unsafe.get(h.name):
+            danger = (
+                f"{installed_as} (handler {h.name}): {'; '.join(unsafe[h.name])}: capture runs "
+                "as pgreact's schema owner and to_jsonb() calls that function as it, so its "
+                "owner can run any SQL with the owner's rights. Drop the cast, or have the "
+                "schema's owner or a superuser own the function"
+            )
+            problems[h.name] = f"{danger}; {problems[h.name]}" if h.name in problems else danger
     return problems
 
 

@@ -503,6 +503,49 @@ async def test_disabled_or_dropped_capture_is_reported_and_reinstalled(
     assert await problems(sa_url, router) == {}
 
 
+async def test_a_disabled_trigger_clone_on_a_partition_is_reported_and_re_enabled(
+    pg_dsn: str, sa_url: str
+) -> None:
+    """The row triggers of a partitioned table fire on its partitions as clones, which can be
+    disabled one partition at a time: that partition's changes were lost without a word."""
+    sql(pg_dsn, PARTITIONED)
+    router = Router()
+    router.on("measures", name="m", ops=ALL_OPS)(noop)
+    await install(sa_url, router)
+    sql(pg_dsn, "ALTER TABLE measures_eu DISABLE TRIGGER pgreact_capture_insert")
+    sql(pg_dsn, "ALTER TABLE measures_eu ENABLE REPLICA TRIGGER pgreact_capture_update")
+    sql(pg_dsn, "ALTER TABLE measures_us DISABLE TRIGGER USER")
+    found = (await problems(sa_url, router))["m"]
+    assert (
+        "public.measures lacks capture of INSERT on public.measures_eu, UPDATE on "
+        "public.measures_eu, DELETE on public.measures_us, INSERT on public.measures_us, "
+        "TRUNCATE on public.measures_us, UPDATE on public.measures_us"
+    ) in found, found
+    fix = await install(sa_url, router)
+    assert sorted(fix.statements) == sorted(
+        [
+            'ALTER TABLE "public"."measures_eu" ENABLE TRIGGER "pgreact_capture_insert"',
+            'ALTER TABLE "public"."measures_eu" ENABLE TRIGGER "pgreact_capture_update"',
+            'ALTER TABLE "public"."measures_us" ENABLE TRIGGER "pgreact_capture_insert"',
+            'ALTER TABLE "public"."measures_us" ENABLE TRIGGER "pgreact_capture_update"',
+            'ALTER TABLE "public"."measures_us" ENABLE TRIGGER "pgreact_capture_delete"',
+            'DROP TRIGGER IF EXISTS "pgreact_capture_truncate" ON "public"."measures_us"',
+            'CREATE TRIGGER "pgreact_capture_truncate" AFTER TRUNCATE ON "public"."measures_us" '
+            'FOR EACH STATEMENT EXECUTE FUNCTION "pgreact".capture_truncate()',
+        ]
+    )
+    assert await problems(sa_url, router) == {}
+    sql(pg_dsn, "INSERT INTO measures VALUES ('eu', 1, 1), ('us', 2, 1)")
+    sql(pg_dsn, "UPDATE measures SET v = 2")
+    got = sorted((op, k) for _, op, k, _, _ in queued(pg_dsn, "m"))
+    assert got == [
+        ("INSERT", key("eu", 1)),
+        ("INSERT", key("us", 2)),
+        ("UPDATE", key("eu", 1)),
+        ("UPDATE", key("us", 2)),
+    ]
+
+
 async def test_partitioned_table_captured_by_version_3_is_upgraded_to_row_triggers(
     pg_dsn: str, sa_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

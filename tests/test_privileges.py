@@ -10,7 +10,10 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import pytest
 from psycopg import errors
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from pgreact import Event, Router
+from pgreact.errors import SchemaError
 from tests.conftest import to_sa_url
 from tests.handlers.effects import router as effects_router
 from tests.support import (
@@ -26,6 +29,11 @@ from tests.support import (
 pytestmark = pytest.mark.anyio
 
 PASSWORD = "pgreact-test"
+
+
+async def noop(event: Event, session: AsyncSession) -> None:
+    """Installation tests never run it."""
+
 
 Roles = Callable[[str], str]
 
@@ -188,3 +196,85 @@ async def test_check_flags_roles_that_can_forge_and_a_superuser_owner(
     sql(pg_dsn, f'ALTER SCHEMA pgreact OWNER TO "{superuser}"')
     (flagged,) = privileges()
     assert flagged.startswith("[WARN]") and f"owned by superuser '{superuser}'" in flagged
+
+
+EVIL = """
+CREATE FUNCTION public.evil(mood) RETURNS json LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO pgreact.queue (change_id, handler, table_name, op)
+        VALUES (0, 'single', 'public.payroll', 'INSERT');
+    RETURN to_json(current_user::text);
+END $$;
+CREATE CAST (mood AS json) WITH FUNCTION public.evil(mood)
+"""
+
+
+async def test_a_cast_to_json_someone_else_owns_is_refused_by_install_and_reported(
+    pg_dsn: str, sa_url: str, driver: str, roles: Roles
+) -> None:
+    """to_jsonb() in capture (SECURITY DEFINER) calls a type's cast to json: the owner of a type
+    a watched table uses could run SQL as pgreact's schema owner through one."""
+    create_tables(pg_dsn)
+    app = roles("app")
+    sql(pg_dsn, f"GRANT CREATE ON SCHEMA public TO {app}")
+    app_dsn = as_role(pg_dsn, app)
+    sql(app_dsn, "CREATE TYPE mood AS ENUM ('ok', 'evil')")
+    sql(pg_dsn, "ALTER TABLE source ADD COLUMN m mood")
+    await install(sa_url, effects_router)
+    sql(app_dsn, EVIL)  # after the install: only the health checks can see it
+
+    # check (and the daemon's probe, which runs the same capture_problems) report it ...
+    env = {
+        "PGREACT_DATABASE_URL": sa_url,
+        "PGREACT_HANDLERS": "handlers.effects",
+        "PGREACT_HTTP_PORT": "0",
+    }
+    check = pgreact_cli("check", env=env)
+    assert check.returncode == 1, check.stdout
+    (failed,) = [line for line in check.stdout.splitlines() if line.startswith("[FAIL] triggers")]
+    for part in ("public.source", "column m", "public.mood", "public.evil(public.mood)", app):
+        assert part in failed, failed
+    state = sql(pg_dsn, "SELECT handler, unsafe FROM pgreact.capture_state() ORDER BY 1")
+    assert state == [
+        (
+            name,
+            [
+                f"column m (type public.mood) has a cast to json through "
+                f"public.evil(public.mood), owned by {app}"
+            ],
+        )
+        for name in ("batch", "single")
+    ]
+
+    # ... and install refuses, naming the table, column, type, function, owner and the fix.
+    with pytest.raises(SchemaError) as info:
+        await install(sa_url, effects_router)
+    message = str(info.value)
+    for part in (
+        "public.source column m (type public.mood)",
+        "function public.evil(public.mood), owned by " + app,
+        "DROP CAST (public.mood AS json)",
+        "OWNER TO",
+    ):
+        assert part in message, message
+
+    # Reached through an array, a composite and a domain too; a first install refuses as well,
+    # and leaves nothing behind.
+    sql(pg_dsn, "DROP SCHEMA pgreact CASCADE")
+    sql(
+        app_dsn,
+        "CREATE DOMAIN calm AS mood; CREATE TYPE pair AS (a int, b calm); "
+        "CREATE TABLE feelings (id int PRIMARY KEY, p pair[])",
+    )
+    router = Router()
+    router.on("public.feelings", name="feel")(noop)
+    with pytest.raises(SchemaError) as info:
+        await install(sa_url, router)
+    assert "public.feelings column p (type public.mood)" in str(info.value)
+    assert sql(pg_dsn, "SELECT to_regnamespace('pgreact')") == [(None,)]
+
+    # A cast whose function a superuser owns is trusted.
+    superuser = sql(pg_dsn, "SELECT current_user")[0][0]
+    sql(pg_dsn, f'ALTER FUNCTION public.evil(mood) OWNER TO "{superuser}"')
+    await install(sa_url, router)
+    assert sql(pg_dsn, "SELECT unsafe FROM pgreact.capture_state()") == [([],)]

@@ -268,40 +268,102 @@ BEGIN
 END
 $$;
 
--- Is every subscription still captured? Per subscription: the name it was installed with, the
--- table's name now (NULL: dropped), and what is missing: ops whose trigger is absent, disabled
--- or of the wrong kind, and 'TRUNCATE on <partition>' for partitions without one.
+-- Casts to json that capture would run as the schema's owner. to_jsonb() turns a value of a
+-- type that has a cast to json into JSON through that cast's function, and capture runs
+-- SECURITY DEFINER: whoever owns such a function, and a type that a watched table uses
+-- (directly, as an array's element, a domain's base or a composite's field), could run SQL as
+-- the owner (forge events, read the queue). Casts whose function the owner or a superuser owns
+-- are trusted. Per column of `rel`: the column, the type with the cast, the cast's target, its
+-- function and that function's owner.
+CREATE FUNCTION __SCHEMA__.unsafe_casts(rel oid)
+RETURNS TABLE (column_name text, type_name text, target text, function_name text, owner text)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    WITH RECURSIVE reach (attnum, attname, typ) AS (
+        SELECT a.attnum, a.attname::text, a.atttypid
+        FROM pg_attribute a WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+        UNION
+        SELECT r.attnum, r.attname, x.inner_type
+        FROM reach r
+        JOIN pg_type t ON t.oid = r.typ
+        CROSS JOIN LATERAL (
+            SELECT t.typbasetype WHERE t.typtype = 'd'
+            UNION ALL
+            SELECT t.typelem WHERE t.typelem <> 0
+            UNION ALL
+            SELECT f.atttypid FROM pg_attribute f
+            WHERE t.typrelid <> 0 AND f.attrelid = t.typrelid AND f.attnum > 0
+              AND NOT f.attisdropped
+        ) x (inner_type)
+    )
+    SELECT DISTINCT r.attname, k.castsource::regtype::text, k.casttarget::regtype::text,
+           k.castfunc::regprocedure::text, o.rolname::text
+    FROM reach r
+    JOIN pg_cast k ON k.castsource = r.typ AND k.castmethod = 'f'
+                  AND k.casttarget IN ('json'::regtype, 'jsonb'::regtype)
+    JOIN pg_proc f ON f.oid = k.castfunc
+    JOIN pg_roles o ON o.oid = f.proowner
+    WHERE NOT o.rolsuper
+      AND f.proowner <> (SELECT nspowner FROM pg_namespace
+                         WHERE oid = '__SCHEMA__'::regnamespace)
+    ORDER BY 1, 2, 3
+$$;
+
+-- Is every subscription still captured, and safely? Per subscription: the name it was
+-- installed with, the table's name now (NULL: dropped), what is missing (ops whose trigger is
+-- absent, disabled or of the wrong kind; '<op> on <partition>' for a partition whose TRUNCATE
+-- trigger is missing or whose cloned row trigger is disabled), and the casts to json capture
+-- would run as the schema's owner (unsafe_casts).
 CREATE FUNCTION __SCHEMA__.capture_state()
-RETURNS TABLE (handler text, installed_as text, current_name text, missing text[])
+RETURNS TABLE (
+    handler text, installed_as text, current_name text, missing text[], unsafe text[]
+)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT s.handler, s.table_schema || '.' || s.table_name, n.nspname || '.' || c.relname,
-           CASE WHEN c.oid IS NOT NULL THEN ARRAY(
-               SELECT o FROM unnest(s.ops || '{TRUNCATE}'::text[]) WITH ORDINALITY u(o, i)
-               WHERE NOT EXISTS (
-                   SELECT 1 FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
-                   WHERE t.tgrelid = c.oid AND t.tgenabled <> 'D'
-                     AND p.pronamespace = '__SCHEMA__'::regnamespace
-                     AND p.proname = CASE WHEN o = 'TRUNCATE' THEN 'capture_truncate'
-                                          WHEN c.relkind = 'p' THEN 'capture_row'
-                                          ELSE 'capture_' || lower(o) END
-                     AND t.tgtype & CASE o WHEN 'INSERT' THEN 4 WHEN 'DELETE' THEN 8
-                                           WHEN 'UPDATE' THEN 16 ELSE 32 END <> 0)
-               GROUP BY o ORDER BY min(i)
-           ) || ARRAY(
-               SELECT 'TRUNCATE on ' || pn.nspname || '.' || pc.relname
+           CASE WHEN c.oid IS NOT NULL THEN here.missing || ARRAY(
+               -- Partitions: a TRUNCATE trigger each; the row triggers are clones of the
+               -- table's (reported here only when the table's own is in place).
+               SELECT w.o || ' on ' || pn.nspname || '.' || pc.relname
                FROM pg_partition_tree(c.oid) pt
                JOIN pg_class pc ON pc.oid = pt.relid
                JOIN pg_namespace pn ON pn.oid = pc.relnamespace
-               WHERE pt.relid <> c.oid AND NOT EXISTS (
-                   SELECT 1 FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
-                   WHERE t.tgrelid = pt.relid AND t.tgenabled <> 'D' AND t.tgtype & 32 <> 0
-                     AND p.pronamespace = '__SCHEMA__'::regnamespace
-                     AND p.proname = 'capture_truncate')
-               ORDER BY 1
-           ) END
+               CROSS JOIN LATERAL unnest(s.ops || '{TRUNCATE}'::text[]) WITH ORDINALITY w (o, i)
+               WHERE pt.relid <> c.oid
+                 AND (w.o = 'TRUNCATE' OR c.relkind = 'p' AND NOT w.o = ANY (here.missing))
+                 AND NOT EXISTS (
+                     SELECT 1 FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+                     WHERE t.tgrelid = pt.relid AND t.tgenabled IN ('O', 'A')
+                       AND p.pronamespace = '__SCHEMA__'::regnamespace
+                       AND p.proname = CASE WHEN w.o = 'TRUNCATE' THEN 'capture_truncate'
+                                            ELSE 'capture_row' END
+                       AND t.tgtype & CASE w.o WHEN 'INSERT' THEN 4 WHEN 'DELETE' THEN 8
+                                               WHEN 'UPDATE' THEN 16 ELSE 32 END <> 0)
+               GROUP BY pn.nspname, pc.relname, w.o
+               ORDER BY pn.nspname, pc.relname, min(w.i)
+           ) END,
+           ARRAY(
+               SELECT 'column ' || u.column_name || ' (type ' || u.type_name || ') has a cast to '
+                      || u.target || ' through ' || u.function_name || ', owned by '
+                      || u.owner
+               FROM __SCHEMA__.unsafe_casts(c.oid) u
+           )
     FROM __SCHEMA__.subscriptions s
     LEFT JOIN pg_class c ON c.oid = s.table_oid
     LEFT JOIN pg_namespace n ON n.oid = c.relnamespace
+    CROSS JOIN LATERAL (
+        SELECT ARRAY(
+            SELECT o FROM unnest(s.ops || '{TRUNCATE}'::text[]) WITH ORDINALITY u (o, i)
+            WHERE NOT EXISTS (
+                SELECT 1 FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+                WHERE t.tgrelid = c.oid AND t.tgenabled IN ('O', 'A')
+                  AND p.pronamespace = '__SCHEMA__'::regnamespace
+                  AND p.proname = CASE WHEN o = 'TRUNCATE' THEN 'capture_truncate'
+                                       WHEN c.relkind = 'p' THEN 'capture_row'
+                                       ELSE 'capture_' || lower(o) END
+                  AND t.tgtype & CASE o WHEN 'INSERT' THEN 4 WHEN 'DELETE' THEN 8
+                                        WHEN 'UPDATE' THEN 16 ELSE 32 END <> 0)
+            GROUP BY o ORDER BY min(i)
+        ) AS missing
+    ) here
     ORDER BY s.handler
 $$;
 
