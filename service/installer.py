@@ -634,9 +634,17 @@ async def install(
         except DBAPIError as exc:
             if sqlstate_of(exc) != LOCK_NOT_AVAILABLE:
                 raise
-            target = the_plan.targets[position] if the_plan and position >= 0 else None
-            holders = await _lock_holders(engine, schema, target)
-            what = f"table {target}" if target else "one of pgreact's own tables"
+            if the_plan is None:  # planning reads pgreact's tables and the watched tables'
+                # partitions (pg_partition_tree locks them): only an exclusive lock blocks that
+                watched = sorted({h.table.qualified for h in router.durable})
+                holders = await _lock_holders(engine, schema, watched, own=True, exclusive=True)
+                what = "pgreact's own tables or a watched table's partitions, while planning"
+            elif (target := the_plan.targets[position] if position >= 0 else None) is None:
+                holders = await _lock_holders(engine, schema, [], own=True)
+                what = "one of pgreact's own tables"
+            else:
+                holders = await _lock_holders(engine, schema, [target])
+                what = f"table {target}"
             message = (
                 f"install waited {lock_timeout:g} s for a lock on {what} and gave up; held by "
                 + (", ".join(holders) or "a session that has ended since")
@@ -651,28 +659,54 @@ async def install(
             await anyio.sleep(min(0.5 * attempt, 3.0))
 
 
-async def _lock_holders(engine: AsyncEngine, schema: str, target: str | None) -> list[str]:
-    """The sessions holding a lock on ``target`` (a table; None: pgreact's own tables)."""
+async def _lock_holders(
+    engine: AsyncEngine,
+    schema: str,
+    tables: Sequence[str],
+    *,
+    own: bool = False,
+    exclusive: bool = False,
+) -> list[str]:
+    """The sessions holding a lock on one of ``tables`` (``schema.name``) or their partitions,
+    or, with ``own``, on pgreact's own tables; with ``exclusive``, only the ACCESS EXCLUSIVE
+    locks, which are all that block reading. (The partitions come from pg_inherits, which
+    takes no lock: pg_partition_tree() would wait for the very holder being looked for.)"""
     async with engine.connect() as conn:
         rows = await conn.execute(
             text(
                 """
-                SELECT DISTINCT a.pid, l.mode, a.state, a.application_name,
-                       extract(epoch FROM now() - a.xact_start)::int
+                WITH RECURSIVE tree (relid) AS (
+                    SELECT to_regclass(u)::oid FROM unnest(CAST(:tables AS text[])) u
+                    UNION
+                    SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.relid
+                )
+                SELECT a.pid, a.state, a.application_name,
+                       extract(epoch FROM now() - a.xact_start)::int,
+                       string_agg(DISTINCT l.mode || ' on ' || n.nspname || '.' || c.relname,
+                                  ', ')
                 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
                 JOIN pg_class c ON c.oid = l.relation
+                JOIN pg_namespace n ON n.oid = c.relnamespace
                 WHERE l.granted AND l.pid <> pg_backend_pid() AND l.locktype = 'relation'
-                  AND CASE WHEN CAST(:t AS text) IS NULL
-                           THEN c.relnamespace = to_regnamespace(:schema)
-                           ELSE l.relation = to_regclass(:t) END
+                  AND l.database = (SELECT oid FROM pg_database
+                                    WHERE datname = current_database())
+                  AND (l.relation IN (SELECT relid FROM tree)
+                       OR CAST(:own AS boolean) AND c.relnamespace = to_regnamespace(:schema))
+                  AND (NOT CAST(:exclusive AS boolean) OR l.mode = 'AccessExclusiveLock')
+                GROUP BY 1, 2, 3, 4
                 ORDER BY 1
                 """
             ),
-            {"t": None if target is None else _quoted(target), "schema": quote_ident(schema)},
+            {
+                "tables": [_quoted(t) for t in tables],
+                "own": own,
+                "exclusive": exclusive,
+                "schema": quote_ident(schema),
+            },
         )
         return [
-            f"pid {r[0]} ({r[1]}, {r[2]}, transaction open {r[4]} s"
-            + (f", application_name {r[3]!r}" if r[3] else "")
+            f"pid {r[0]} ({r[4]}, {r[1]}, transaction open {r[3]} s"
+            + (f", application_name {r[2]!r}" if r[2] else "")
             + ")"
             for r in rows
         ]

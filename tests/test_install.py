@@ -574,3 +574,44 @@ async def test_upgrade_from_version_3_keeps_the_queue_and_the_row_triggers(
     sql(pg_dsn, "INSERT INTO source VALUES (4, 4)")  # captured by the upgraded functions
     assert sql(pg_dsn, "SELECT count(*) FROM pgreact.queue WHERE row_key = '4'") == [(2,)]
     assert (await install(sa_url, effects_router)).statements == []
+
+
+async def test_a_lock_wait_names_the_holders_of_partitions_and_of_planning(
+    pg_dsn: str, sa_url: str
+) -> None:
+    """CREATE TRIGGER on a partitioned table locks its partitions too, and planning reads the
+    partition tree: the message names whoever holds what the install waited for."""
+    sql(
+        pg_dsn,
+        "CREATE TABLE p (k text, id int, PRIMARY KEY (k, id)) PARTITION BY LIST (k); "
+        "CREATE TABLE p1 PARTITION OF p FOR VALUES IN ('a')",
+    )
+    router = Router()
+    router.on("p", name="p")(noop)
+    engine = create_async_engine(sa_url)
+    waits: list[str] = []
+
+    async def refused() -> str:
+        with pytest.raises(SchemaError) as info:
+            await installer.install(
+                engine, router, "pgreact", lock_timeout=0.2, attempts=2, on_wait=waits.append
+            )
+        return str(info.value)
+
+    try:
+        with psycopg.connect(pg_dsn) as app:  # writes the partition only: no lock on p
+            app.execute("INSERT INTO p1 VALUES ('a', 1)")
+            message = await refused()
+            assert "table public.p and gave up" in message, message
+            # (its ACCESS SHARE lock on p does not block CREATE TRIGGER; the one on p1 does)
+            assert f"pid {app.info.backend_pid} (" in message
+            assert "RowExclusiveLock on public.p1" in message
+        with psycopg.connect(pg_dsn) as app:
+            app.execute("LOCK TABLE p1 IN ACCESS EXCLUSIVE MODE")
+            message = await refused()
+            assert "while planning" in message and "one of pgreact's own" not in message
+            assert f"pid {app.info.backend_pid} (AccessExclusiveLock on public.p1" in message
+        await installer.install(engine, router, "pgreact")
+    finally:
+        await engine.dispose()
+    assert len(waits) == 2
