@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -126,6 +127,7 @@ class Settings(BaseSettings):
     # Resolved by load_settings: the password of each URL (libpq rules) and what to warn about.
     _passwords: dict[str, str] = PrivateAttr(default_factory=dict)
     _unknown: list[str] = PrivateAttr(default_factory=list)
+    _credential_notes: list[str] = PrivateAttr(default_factory=list)
 
     @classmethod
     def settings_customise_sources(
@@ -225,7 +227,7 @@ class Settings(BaseSettings):
     def config_warnings(self) -> list[str]:
         """What start-up and ``pgreact check`` warn about: settings that do not stop pgreact
         but do not do what they say."""
-        notes = list(self._unknown)
+        notes = [*self._unknown, *self._credential_notes]
         if self.concurrency > self.handler_concurrency:
             notes.append(
                 f"PGREACT_CONCURRENCY={self.concurrency} is capped at {self.handler_concurrency}"
@@ -399,41 +401,55 @@ def load_settings(
     except ValidationError as exc:
         raise ConfigError(_explain(exc)) from None
     settings._unknown = unknown_variables(env)
+    notes: list[str] = []
     for url in (settings.database_url, settings.listen_url):
         if url:
-            password = _password_for(url, env)
+            password = _password_for(url, env, notes)
             if password is not None:
                 settings._passwords[url] = password
+    settings._credential_notes = list(dict.fromkeys(notes))  # both URLs may read one file
     return settings
 
 
 # -- credentials the libpq way ----------------------------------------------------------------
 
 
-def _password_for(url: str, env: Mapping[str, str]) -> str | None:
+def _password_for(url: str, env: Mapping[str, str], notes: list[str]) -> str | None:
     """The password to add to ``url``: None when it has one (or none is configured);
-    otherwise ``PGPASSWORD``, else the first matching line of the password file."""
+    otherwise ``PGPASSWORD``, else the first matching line of the password file. Why a password
+    file was passed over goes to ``notes``."""
     parsed = make_url(url)
     if parsed.password is not None:
         return None
     if env.get("PGPASSWORD"):
         return env["PGPASSWORD"]
-    return _from_passfile(parsed, env)
+    return _from_passfile(parsed, env, notes)
 
 
-def _from_passfile(url: URL, env: Mapping[str, str]) -> str | None:
+def _from_passfile(url: URL, env: Mapping[str, str], notes: list[str]) -> str | None:
     """libpq's password file: ``hostname:port:database:username:password`` lines, ``*``
     matching anything, backslash escaping ``:`` and itself. Like libpq, ignored when it is not a
-    plain file or (on POSIX) readable by group or others."""
+    plain file or (on POSIX) accessible by group or others; and, as libpq warns then, so does
+    pgreact (``notes``): silence left an operator with an authentication failure to puzzle over."""
     given = env.get("PGPASSFILE")
     path = Path(given) if given else Path(env.get("HOME", str(Path.home()))) / ".pgpass"
+    source = "PGPASSFILE" if given else "the default: PGPASSFILE is not set"
+    where = f"password file {str(path)!r} ({source})"
     try:
-        if not path.is_file():
+        if not path.exists():
+            if given:  # the default may well be absent; a file named on purpose should not be
+                notes.append(f"{where} does not exist: no password is read from it")
             return None
-        if os.name == "posix" and path.stat().st_mode & 0o077:
+        if not path.is_file():
+            notes.append(f"{where} is not a plain file: ignored, as libpq ignores it")
+            return None
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if os.name == "posix" and mode & 0o077:
+            notes.append(_passfile_mode_note(where, mode))
             return None
         lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
+    except OSError as exc:
+        notes.append(f"{where} cannot be read ({exc.strerror or exc}): no password is read from it")
         return None
     query = url.query
     host = url.host or _first(query.get("host")) or env.get("PGHOST") or "localhost"
@@ -450,6 +466,16 @@ def _from_passfile(url: URL, env: Mapping[str, str]) -> str | None:
         if len(fields) == 5 and all(f in ("*", w) for f, w in zip(fields[:4], wanted, strict=True)):
             return fields[4]
     return None
+
+
+def _passfile_mode_note(where: str, mode: int) -> str:
+    return (
+        f"{where} is ignored: its mode is {mode:04o}, and like libpq pgreact reads only a file"
+        " that group and others cannot access (0600 or less): chmod 600 it; from a Kubernetes"
+        " Secret volume (0644 by default) set defaultMode: 0600 (384 in JSON). A pod fsGroup"
+        " (pgreact's manifests set one) adds group read whatever defaultMode says: then set"
+        " PGPASSWORD from the Secret (secretKeyRef) instead"
+    )
 
 
 def _first(value: str | tuple[str, ...] | None) -> str | None:

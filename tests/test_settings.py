@@ -498,6 +498,54 @@ def test_password_file_is_read_the_libpq_way(tmp_path: Path) -> None:
     assert make_url(load(environ).require_database_url()).password is None
 
 
+def test_a_password_file_others_can_read_is_ignored_with_a_warning(tmp_path: Path) -> None:
+    """libpq warns when it passes over such a file (a Kubernetes Secret volume is 0644 by
+    default); pgreact passed over it in silence, leaving an authentication failure to puzzle
+    over."""
+    passfile = tmp_path / "pgpass"
+    passfile.write_text("*:*:*:*:from-file\n")
+    passfile.chmod(0o644)
+    listen = "postgresql://app@listen.example/app"
+    environ = {
+        "PGREACT_DATABASE_URL": PLAIN_URL,
+        "PGREACT_LISTEN_URL": listen,  # the file is consulted twice, the warning given once
+        "PGPASSFILE": str(passfile),
+    }
+    settings = load(environ)
+    assert make_url(settings.require_database_url()).password is None
+    (warning,) = settings.config_warnings()
+    assert repr(str(passfile)) in warning and "PGPASSFILE" in warning
+    assert "mode is 0644" in warning
+    assert "chmod 600" in warning and "defaultMode: 0600" in warning
+    # Not consulted (a password in the URL, PGPASSWORD) or fine: nothing to say.
+    assert (
+        load({**environ, "PGREACT_LISTEN_URL": ASYNCPG_URL, "PGPASSWORD": "x"}).config_warnings()
+        == []
+    )
+    assert (
+        load(
+            {**environ, "PGREACT_DATABASE_URL": ASYNCPG_URL, "PGREACT_LISTEN_URL": ASYNCPG_URL}
+        ).config_warnings()
+        == []
+    )
+    passfile.chmod(0o600)
+    fine = load(environ)
+    assert fine.config_warnings() == []
+    assert make_url(fine.require_database_url()).password == "from-file"
+
+
+@pytest.mark.parametrize("kind", ["directory", "missing"])
+def test_a_password_file_that_is_no_file_is_warned_about(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "pgpass"
+    if kind == "directory":
+        path.mkdir()
+    (warning,) = load(
+        {"PGREACT_DATABASE_URL": PLAIN_URL, "PGPASSFILE": str(path)}
+    ).config_warnings()
+    assert repr(str(path)) in warning
+    assert ("not a plain file" if kind == "directory" else "does not exist") in warning
+
+
 # -- warnings ---------------------------------------------------------------------------------
 
 
