@@ -593,10 +593,17 @@ def _failure_site(error: BaseException) -> tuple[str, str, int]:
     return type(error).__qualname__, tb.tb_frame.f_code.co_filename, tb.tb_lineno
 
 
+DESCRIBE_LIMIT = 4000
+"""Characters of an error's text kept in a log line or a failure record: a driver error can
+quote a statement of megabytes (70,000 bind parameters)."""
+
+
 def describe(error: BaseException) -> str:
-    """An error in one line or a few: its type and message."""
+    """An error in one line or a few: its type and message, cut at :data:`DESCRIBE_LIMIT`."""
     text = f"{type(error).__name__}: {error}"
     if not str(error):
         tb = traceback.format_exception_only(type(error), error)
         text = "".join(tb).strip()
+    if len(text) > DESCRIBE_LIMIT:
+        text = f"{text[:DESCRIBE_LIMIT]}… ({len(text) - DESCRIBE_LIMIT} more characters)"
     return text

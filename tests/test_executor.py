@@ -585,3 +585,13 @@ async def test_a_handler_blocking_the_loop_is_charged_and_the_others_are_spared(
     blocked = [line for line in logs if line["event"] == "event_loop_blocked"]
     assert blocked and blocked[0]["handler_call"] == {"handler": "blocker", "event_id": 1}
     assert "test_executor.py" in blocked[0]["where"]
+
+
+def test_describe_cuts_an_error_quoting_a_huge_statement() -> None:
+    from pgreact.executor import DESCRIBE_LIMIT, describe
+
+    text = describe(ValueError("x" * 100_000))
+    assert text.startswith("ValueError: xxx")
+    assert len(text) < DESCRIBE_LIMIT + 50
+    assert text.endswith(f"({100_000 + len('ValueError: ') - DESCRIBE_LIMIT} more characters)")
+    assert describe(ValueError("short")) == "ValueError: short"
