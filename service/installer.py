@@ -733,8 +733,9 @@ def grants_sql(schema: str, role: str) -> str:
             f"GRANT SELECT ON {s}.schema_version, {s}.subscriptions TO {r};",
             "-- claim (UPDATE, FOR UPDATE SKIP LOCKED), retries and dead letters, ack (DELETE)",
             f"GRANT SELECT, UPDATE, DELETE ON {s}.queue TO {r};",
-            "-- re-arm the writers' doorbell",
+            "-- re-arm the writers' doorbell, and tell its signed rings from anybody's NOTIFY",
             f"GRANT SELECT, UPDATE ON {s}.doorbell TO {r};",
+            f"GRANT SELECT ON {s}.mark_key TO {r};",
             "-- health of the capture triggers; release of key-change fences",
             f"GRANT EXECUTE ON FUNCTION {s}.capture_state(), {s}.unsafe_casts(oid), "
             f"{s}.release_fences() TO {r};",

@@ -28,6 +28,7 @@ from pgreact import installer
 from pgreact.calls import blocking_call
 from pgreact.db import create_write_engine
 from pgreact.dispatcher import DispatchConfig, Dispatcher
+from pgreact.doorbell import load_verifier
 from pgreact.errors import SchemaError
 from pgreact.housekeeping import Housekeeper
 from pgreact.http import HealthApp, serve_http
@@ -90,6 +91,7 @@ class Daemon:
         s = self.settings
         schema = s.schema_name
         await self._check_installed(engine)
+        rings = await load_verifier(engine, schema)
         presence_key = installer.lock_key(schema)
         store = Store(
             schema,
@@ -153,8 +155,10 @@ class Daemon:
             metrics.notifications_received.labels(note.channel).inc()
             if note.channel == wake_channel:
                 housekeeper.notified()
-                # Only a hint: any role that may connect can NOTIFY this channel.
-                dispatcher.wake(note.payload or None, hint=True)
+                # A signed ring of the doorbell, or only a hint: any role that may connect can
+                # NOTIFY this channel.
+                wake = rings.classify(note.payload)
+                dispatcher.wake(wake.table, hint=not wake.firm)
             else:
                 notify.offer(note)
 

@@ -517,5 +517,5 @@ async def test_a_notify_storm_costs_a_bounded_number_of_claims(
     assert sent > 500, f"only {sent} notifications: not a storm"
     # Two handlers: at most one claim each per quiet interval (0.2 s), and a few more. (Before:
     # ~1,000 claims for ~3,000 notifications.)
-    bound = 2 * (took / QUIET_AFTER_EMPTY + 3)
+    bound = 2 * (took / QUIET_AFTER_EMPTY + 6)  # + the claims at each window's edge
     assert during <= bound, f"{during} claims for {sent} notifications in {took:.1f} s"

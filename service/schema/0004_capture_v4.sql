@@ -30,8 +30,13 @@ DROP FUNCTION __SCHEMA__.ring();
 -- transaction ("could not serialize access due to concurrent update"); under SERIALIZABLE,
 -- reading it would also take a predicate lock every ringer conflicts with. Such a writer just
 -- rings, at the price of a NOTIFY per commit.
+-- Each ring is signed (service/doorbell.py): any role may NOTIFY this channel, and the daemon
+-- holds such hints back after a claim that found nothing, but never a ring of the doorbell's.
+CREATE SEQUENCE __SCHEMA__.ring_seq;
 CREATE FUNCTION __SCHEMA__.ring(rels oid[]) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    signed text;
 BEGIN
     IF current_setting('transaction_isolation') = 'read committed' THEN
         IF NOT (SELECT armed FROM __SCHEMA__.doorbell) THEN
@@ -41,7 +46,8 @@ BEGIN
         WHERE id = (SELECT id FROM __SCHEMA__.doorbell WHERE armed FOR UPDATE SKIP LOCKED);
         -- Disarmed here, or held by a writer that rings only when (and if) it commits: ring.
     END IF;
-    PERFORM pg_notify(__CHANNEL__, coalesce((
+    signed := 'ring/' || nextval('__SCHEMA__.ring_seq');
+    PERFORM pg_notify(__CHANNEL__, signed || '/' || __SCHEMA__.mark_mac(signed) || '/' || coalesce((
         SELECT min(s.table_schema || '.' || s.table_name)
         FROM __SCHEMA__.subscriptions s WHERE s.table_oid = ANY (rels)), ''));
 END
