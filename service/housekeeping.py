@@ -152,7 +152,9 @@ class Housekeeper:
             self._truncate_noted = True
             deaf = installer.truncate_deaf(self._durable)
             if deaf:
-                log.warning(
+                # Info, not a warning: it is the default (ops without TRUNCATE), and the
+                # truncating session itself gets a WARNING naming these handlers.
+                log.info(
                     "truncate_not_handled",
                     handlers=deaf,
                     detail="a TRUNCATE of their tables is not delivered to them (their ops do "
