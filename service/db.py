@@ -402,6 +402,16 @@ def _driver_closed(driver_name: str, driver: Any) -> bool:
     return bool(driver.closed or driver.broken)
 
 
+def _in_transaction_check(driver_name: str, driver: Any) -> Callable[[], bool]:
+    """What the driver itself knows of its transaction block: asyncpg's
+    ``is_in_transaction()``, libpq's transaction status."""
+    if driver_name == "asyncpg":
+        return lambda: bool(driver.is_in_transaction())
+    idle = psycopg.pq.TransactionStatus.IDLE
+    pgconn = driver.pgconn  # not ``driver.info``: that builds an object per call
+    return lambda: bool(pgconn.transaction_status != idle)
+
+
 def transaction_probe(conn: AsyncConnection) -> Callable[[], bool]:
     """A synchronous check of whether the driver's connection beneath ``conn`` is still inside a
     transaction block: asked after every handler call that took the connection."""
@@ -409,20 +419,13 @@ def transaction_probe(conn: AsyncConnection) -> Callable[[], bool]:
     driver: Any = None if sync is None else sync.connection.driver_connection
     if driver is None:
         return lambda: True
-    if conn.dialect.driver == "asyncpg":
-        return lambda: bool(driver.is_in_transaction())
-    idle = psycopg.pq.TransactionStatus.IDLE
-    pgconn = driver.pgconn  # not ``driver.info``: that builds an object per call
-    return lambda: bool(pgconn.transaction_status != idle)
+    return _in_transaction_check(conn.dialect.driver, driver)
 
 
 async def driver_in_transaction(conn: AsyncConnection) -> bool:
     """Whether the driver's connection beneath ``conn`` is inside a transaction block."""
     raw = await conn.get_raw_connection()
-    driver: Any = raw.driver_connection
-    if conn.dialect.driver == "asyncpg":
-        return bool(driver.is_in_transaction())
-    return bool(driver.info.transaction_status != psycopg.pq.TransactionStatus.IDLE)
+    return _in_transaction_check(conn.dialect.driver, raw.driver_connection)()
 
 
 # A pooled connection that was in use this recently is known to work. SQLAlchemy's own pre-ping
