@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import anyio
 import psycopg
@@ -80,10 +81,18 @@ def create_tables(dsn: str) -> None:
         conn.execute(TABLES_SQL)
 
 
-async def install(sa_url: str, router: Router, schema: str = "pgreact") -> installer.InstallPlan:
+async def install(
+    sa_url: str, router: Router, schema: str = "pgreact", *, up_to: int | None = None
+) -> installer.InstallPlan:
+    """``pgreact install``; with ``up_to``, as a release whose newest migration was that one
+    (to test upgrades from it)."""
     engine = create_async_engine(sa_url)
     try:
-        return await installer.install(engine, router, schema)
+        if up_to is None:
+            return await installer.install(engine, router, schema)
+        older = [m for m in installer.migration_files() if m[0] <= up_to]
+        with mock.patch.object(installer, "migration_files", return_value=older):
+            return await installer.install(engine, router, schema)
     finally:
         await engine.dispose()
 

@@ -547,15 +547,12 @@ async def test_a_disabled_trigger_clone_on_a_partition_is_reported_and_re_enable
 
 
 async def test_partitioned_table_captured_by_version_3_is_upgraded_to_row_triggers(
-    pg_dsn: str, sa_url: str, monkeypatch: pytest.MonkeyPatch
+    pg_dsn: str, sa_url: str
 ) -> None:
     sql(pg_dsn, PARTITIONED)
     router = Router()
     router.on("measures", name="m")(noop)
-    version_3 = [m for m in installer.migration_files() if m[0] <= 3]
-    monkeypatch.setattr(installer, "migration_files", lambda: version_3)
-    await install(sa_url, router)
-    monkeypatch.undo()
+    await install(sa_url, router, up_to=3)
     sql(pg_dsn, "INSERT INTO measures_eu VALUES ('eu', 1, 1)")
     assert queued(pg_dsn, "m") == []  # what version 3 lost
     await install(sa_url, router)

@@ -165,12 +165,10 @@ async def test_install_twice_changes_nothing(pg_dsn: str, sa_url: str) -> None:
 
 
 async def test_upgrade_from_version_2_keeps_the_queue_and_marks_crash_suspects(
-    pg_dsn: str, sa_url: str, monkeypatch: pytest.MonkeyPatch
+    pg_dsn: str, sa_url: str
 ) -> None:
     create_tables(pg_dsn)
-    version_2 = [m for m in installer.migration_files() if m[0] <= 2]
-    monkeypatch.setattr(installer, "migration_files", lambda: version_2)
-    assert (await install(sa_url, effects_router)).to_version == 2
+    assert (await install(sa_url, effects_router, up_to=2)).to_version == 2
     sql(pg_dsn, "INSERT INTO source SELECT g, g FROM generate_series(1, 3) g")
     # Version 2 marked both kinds of retry by last_error alone.
     sql(pg_dsn, "UPDATE pgreact.queue SET last_error = 'ValueError: bad' WHERE row_key = '1'")
@@ -179,7 +177,6 @@ async def test_upgrade_from_version_2_keeps_the_queue_and_marks_crash_suspects(
         "UPDATE pgreact.queue SET last_error = 'claim abandoned: the process handling attempt 1 "
         "stopped without finishing it' WHERE row_key = '2'",
     )
-    monkeypatch.undo()
 
     upgrade = await install(sa_url, effects_router)
     assert (upgrade.from_version, upgrade.to_version) == (2, installer.latest_version())
@@ -544,17 +541,14 @@ async def test_noop_install_takes_no_lock_and_ddl_gives_up_within_lock_timeout(
 
 
 async def test_upgrade_from_version_3_keeps_the_queue_and_the_row_triggers(
-    pg_dsn: str, sa_url: str, monkeypatch: pytest.MonkeyPatch
+    pg_dsn: str, sa_url: str
 ) -> None:
     create_tables(pg_dsn)
-    version_3 = [m for m in installer.migration_files() if m[0] <= 3]
-    monkeypatch.setattr(installer, "migration_files", lambda: version_3)
-    assert (await install(sa_url, effects_router)).to_version == 3
+    assert (await install(sa_url, effects_router, up_to=3)).to_version == 3
     sql(pg_dsn, "INSERT INTO source SELECT g, g FROM generate_series(1, 3) g")
     sql(pg_dsn, "UPDATE pgreact.queue SET dead_at = now() WHERE row_key = '3'")
     before = sql(pg_dsn, "SELECT id, handler, row_key, dead_at FROM pgreact.queue ORDER BY id")
     row_triggers = [t for t in triggers(pg_dsn) if t[0] == "source"]
-    monkeypatch.undo()
 
     upgrade = await install(sa_url, effects_router)
     assert (upgrade.from_version, upgrade.to_version) == (3, installer.latest_version())
